@@ -1,0 +1,52 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+# Every target creates .venv with the machine's python3 if it is missing and
+# installs the package with its dev extra; the stamp is keyed on pyproject.toml,
+# so a second call installs nothing when nothing changed.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+export CH11_PROGRESS ?= 0
+NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900
+
+.PHONY: install run test unit nbval lab notebooks book bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+## Run every experiment headless into build/ and write build/summary.md
+run: $(STAMP)
+	$(BIN)/python -m chapter11 run
+
+## The whole test suite: unit tests, doctests, and nbval over notebooks/
+test: $(STAMP)
+	$(BIN)/python -m pytest -p no:cacheprovider tests chapter11
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -p no:cacheprovider -m "not notebooks" tests chapter11
+
+nbval: $(STAMP)
+	$(BIN)/python -m pytest -p no:cacheprovider $(NBVAL) notebooks/[0-9]*.ipynb
+
+## JupyterLab on notebooks/
+lab: $(STAMP)
+	CH11_PROGRESS=1 $(BIN)/jupyter lab notebooks/
+
+## Re-execute every notebook in place so committed outputs are fresh
+notebooks: $(STAMP)
+	$(BIN)/python -m chapter11 refresh
+
+bench: $(STAMP)
+	$(BIN)/python -m chapter11.bench masks --json build/bench_masks.json
+	$(BIN)/python -m chapter11.bench sparse --json build/bench_sparse.json
+	$(BIN)/python -m chapter11.bench structured --json build/bench_structured.json
+
+clean:
+	rm -rf build book/_build

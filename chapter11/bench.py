@@ -1,0 +1,235 @@
+"""Benchmarks that check first, then time: medians of repeats, ratios from one run.
+
+Covers: `machine_info` (what the numbers were measured on), `time_callable`
+(median of repeated calls), `compare` (several candidates timed interleaved
+in one process, so a noisy neighbour slows them all alike, with ratios to a
+reference), and the command line:
+
+    python -m chapter11.bench masks       [--json PATH] [--steps N]
+    python -m chapter11.bench sparse      [--json PATH] [--quick]   (chapter11.csr)
+    python -m chapter11.bench structured  [--json PATH]             (chapter11.structured)
+
+But: wall-clock timing only (no hardware counters), and one process: the
+numbers describe this machine at this moment, which is why only ratios
+measured side by side are ever reported as speedups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+from .report import atomic_write_text
+
+__all__ = ["machine_info", "describe_machine", "time_callable", "compare", "bench_masks", "main"]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_info() -> dict[str, str | int]:
+    """CPU model, cores, torch threads, library versions and the GPU, if any."""
+    import numpy
+
+    info: dict[str, str | int] = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+    }
+    for name in ("scipy", "onnxruntime", "numba", "transformers"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = "not installed"
+    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return info
+
+
+def describe_machine() -> str:
+    """One line for a benchmark header."""
+    i = machine_info()
+    return f"{i['cpu']}, {i['cores']} cores ({i['torch_threads']} torch threads), torch {i['torch']}, GPU: {i['gpu']}"
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_callable(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> dict:
+    """Median (and all) wall times of `fn()` over `repeats` calls after `warmup` calls."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "times": times}
+
+
+def compare(
+    candidates: Mapping[str, Callable[[], object]],
+    repeats: int = 20,
+    warmup: int = 3,
+    reference: str | None = None,
+) -> dict:
+    """Time every candidate interleaved (rotating order each round); medians and ratios.
+
+    Returns {"median_s": {name: s}, "ratio": {name: median / reference median},
+    "times": {name: [...]}}. `reference` defaults to the first candidate.
+    A ratio above 1 means slower than the reference.
+    """
+    names = list(candidates)
+    if not names:
+        raise ValueError("candidates must hold at least one callable")
+    reference = reference or names[0]
+    if reference not in candidates:
+        raise ValueError(f"reference {reference!r} is not one of {names}")
+    for _ in range(warmup):
+        for n in names:
+            candidates[n]()
+    _sync()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            candidates[n]()
+            _sync()
+            times[n].append(time.perf_counter() - t0)
+    med = {n: statistics.median(ts) for n, ts in times.items()}
+    return {"median_s": med, "ratio": {n: med[n] / med[reference] for n in names}, "times": times}
+
+
+def _mlp(sizes: tuple[int, ...]) -> torch.nn.Sequential:
+    layers: list[torch.nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
+
+
+def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(1024, 4096, 4096, 10), seed: int = 0) -> dict:
+    """Training-step time: dense vs chapter11 masks vs torch.nn.utils.prune, same masks.
+
+    Each variant is a copy of one model with the same random masks; steps are
+    interleaved. Before timing, one step of each masked variant is checked to
+    leave exactly the same weights.
+    """
+    import copy
+
+    import torch.nn.utils.prune as prune
+
+    from .masks import MaskedOptimizer, apply_masks, prunable_parameters
+    from .sparsity import check_sparsity
+
+    check_sparsity(sparsity)
+    torch.manual_seed(seed)
+    dense = _mlp(tuple(sizes))
+    g = torch.Generator().manual_seed(seed)
+    masks = {n: (torch.rand(p.shape, generator=g) >= sparsity).float() for n, p in prunable_parameters(dense).items()}
+    ours, theirs = copy.deepcopy(dense), copy.deepcopy(dense)
+    apply_masks(ours, masks)
+    for name, mask in masks.items():
+        prune.custom_from_mask(theirs.get_submodule(name.rsplit(".", 1)[0]), "weight", mask)
+    X = torch.randn(batch, sizes[0], generator=g)
+    y = torch.randint(0, sizes[-1], (batch,), generator=g)
+
+    def make_step(model, wrap):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        opt = MaskedOptimizer(opt, model) if wrap else opt
+
+        def step():
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X), y).backward()
+            opt.step()
+
+        return step
+
+    variants = {"dense": make_step(dense, False), "chapter11": make_step(ours, True), "torch_prune": make_step(theirs, False)}
+    variants["chapter11"]()
+    variants["torch_prune"]()
+    for name in masks:
+        a = ours.get_submodule(name.rsplit(".", 1)[0]).weight
+        module = theirs.get_submodule(name.rsplit(".", 1)[0])
+        b = module.weight_orig * module.weight_mask  # .weight is only refreshed by the next forward
+        if not torch.allclose(a, b, atol=1e-6):
+            raise AssertionError(f"chapter11 and torch.nn.utils.prune disagree on {name} after one step")
+        if (a[masks[name] == 0] != 0).any():
+            raise AssertionError(f"{name}: a pruned weight came back to life")
+    result = compare(variants, repeats=steps, warmup=2, reference="dense")
+    med = result["median_s"]
+    return {
+        "dense_s": med["dense"],
+        "chapter11_s": med["chapter11"],
+        "torch_prune_s": med["torch_prune"],
+        "chapter11_ratio": med["chapter11"] / med["dense"],
+        "torch_prune_ratio": med["torch_prune"] / med["dense"],
+        "steps": steps,
+        "sparsity": sparsity,
+        "batch": batch,
+        "sizes": list(sizes),
+        "machine": machine_info(),
+    }
+
+
+def _masks_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chapter11.bench masks", description="Training step: dense vs masked (chapter11) vs torch.nn.utils.prune.")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median reported)")
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--json", metavar="PATH", help="write the numbers as JSON here")
+    args = parser.parse_args(argv)
+    print(f"machine: {describe_machine()}", flush=True)
+    r = bench_masks(steps=args.steps, sparsity=args.sparsity)
+    print(f"MLP {'-'.join(map(str, r['sizes']))}, batch {r['batch']}, sparsity {r['sparsity']:.0%}, median of {r['steps']} interleaved steps")
+    print(f"  dense              {r['dense_s'] * 1e3:8.1f} ms/step")
+    print(f"  chapter11 masks    {r['chapter11_s'] * 1e3:8.1f} ms/step  ({r['chapter11_ratio']:.2f}x dense)")
+    print(f"  torch.nn.utils.prune {r['torch_prune_s'] * 1e3:6.1f} ms/step  ({r['torch_prune_ratio']:.2f}x dense)")
+    if args.json:
+        atomic_write_text(json.dumps({k: r[k] for k in ("dense_s", "chapter11_s", "torch_prune_s", "chapter11_ratio", "torch_prune_ratio")} | {"machine": r["machine"]}, indent=2), args.json)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    choices = ("masks", "sparse", "structured")
+    if not argv or argv[0] not in choices:
+        print(f"usage: python -m chapter11.bench {{{','.join(choices)}}} [options]   (--help after a name for its options)", file=sys.stderr)
+        return 2
+    name, rest = argv[0], argv[1:]
+    if name == "masks":
+        return _masks_main(rest)
+    if name == "sparse":
+        from .csr import benchmark_main
+    else:
+        from .structured.channels import benchmark_main
+    return benchmark_main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Offline datasets with fixed seeds: nothing here touches the network.
+
+- `mnist1d(...)`: MNIST-1D signals (40 samples long, 10 classes), generated
+  locally by `mnist1d.data.make_dataset`. Default 4,000 train + 1,000 test.
+- `digits(...)`: scikit-learn's bundled 8x8 digits (1,797 images, 10 classes).
+- `stdlib_docstrings(...)`: (text, label) pairs, the docstrings of the
+  standard library's own source, labelled by the package they come from. Read
+  with `ast` from the installed source files, so nothing is imported or run.
+- `python_text(...)`: a plain-text corpus of Python's own documentation
+  (`pydoc_data.topics`) and docstrings, for language models.
+- `ByteTokenizer`: bytes as tokens (vocabulary 256), so a tiny LM needs no
+  tokenizer download.
+- `loaders(...)` and `lm_batches(...)`: tensors into `DataLoader`s / batches.
+
+But: the exact docstring corpus depends on the Python version (3.11 and 3.12
+ship different docstrings); sizes are documented per function, not promised
+across versions.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import sysconfig
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = [
+    "Split",
+    "mnist1d",
+    "digits",
+    "loaders",
+    "stdlib_docstrings",
+    "DEFAULT_PACKAGES",
+    "python_text",
+    "ByteTokenizer",
+    "lm_batches",
+]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Train and test tensors of a classification task."""
+
+    X_train: torch.Tensor
+    y_train: torch.Tensor
+    X_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    def __repr__(self) -> str:
+        return (
+            f"Split(train={tuple(self.X_train.shape)}, test={tuple(self.X_test.shape)}, "
+            f"num_classes={self.num_classes})"
+        )
+
+
+def _check_positive(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist1d_arrays(num_samples: int, seed: int):
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = seed
+    args.train_split = 0.8
+    state = np.random.get_state()
+    try:
+        data = make_dataset(args)  # local generation; never get_dataset (it downloads)
+    finally:
+        np.random.set_state(state)
+    return data["x"], data["y"], data["x_test"], data["y_test"]
+
+
+def mnist1d(num_samples: int = 5000, seed: int = 42) -> Split:
+    """MNIST-1D generated locally: 80% train, 20% test, X of shape (N, 40).
+
+    The default 5,000 samples give 4,000 train and 1,000 test examples and take
+    about 2 s to generate (cached per process).
+    """
+    _check_positive(num_samples, "num_samples")
+    x, y, xt, yt = _mnist1d_arrays(num_samples, seed)
+    return Split(
+        torch.tensor(x, dtype=torch.float32),
+        torch.tensor(y, dtype=torch.long),
+        torch.tensor(xt, dtype=torch.float32),
+        torch.tensor(yt, dtype=torch.long),
+        10,
+    )
+
+
+def digits(test_fraction: float = 0.25, seed: int = 0, flatten: bool = False) -> Split:
+    """scikit-learn's bundled 8x8 digits, scaled to [0, 1].
+
+    X has shape (N, 1, 8, 8), or (N, 64) with `flatten=True`; 1,347 train and
+    450 test images at the default split.
+    """
+    from sklearn.datasets import load_digits
+
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    bunch = load_digits()
+    X = torch.tensor(bunch.data / 16.0, dtype=torch.float32)  # (N, 64)
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    X, y = X[order], y[order]
+    n_test = round(len(y) * test_fraction)
+    if not flatten:
+        X = X.reshape(-1, 1, 8, 8)  # (N, C, H, W)
+    return Split(X[n_test:], y[n_test:], X[:n_test], y[:n_test], 10)
+
+
+def loaders(split: Split, batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    """(train_loader, test_loader); training order is shuffled with `seed`."""
+    _check_positive(batch_size, "batch_size")
+    train = DataLoader(
+        TensorDataset(split.X_train, split.y_train),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    test = DataLoader(TensorDataset(split.X_test, split.y_test), batch_size=512, shuffle=False)
+    return train, test
+
+
+DEFAULT_PACKAGES = ("asyncio", "email", "http", "importlib", "logging", "multiprocessing", "tkinter", "unittest", "xml")
+
+
+def _stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _docstrings_of(path: Path, min_chars: int) -> list[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+    except SyntaxError:
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= min_chars:
+                found.append(" ".join(doc.split()))
+    return found
+
+
+@functools.lru_cache(maxsize=8)
+def _docstring_corpus(packages: tuple[str, ...], min_chars: int) -> tuple[tuple[str, str], ...]:
+    root = _stdlib_dir()
+    pairs = []
+    for package in packages:
+        folder = root / package
+        if not folder.is_dir():
+            raise ValueError(f"packages: {package!r} is not a standard-library package folder under {root}")
+        for path in sorted(folder.rglob("*.py")):
+            if "test" in path.relative_to(folder).parts[:-1]:
+                continue
+            pairs += [(text, package) for text in _docstrings_of(path, min_chars)]
+    return tuple(pairs)
+
+
+def stdlib_docstrings(
+    packages: tuple[str, ...] = DEFAULT_PACKAGES,
+    min_chars: int = 40,
+    max_per_class: int | None = None,
+    seed: int = 0,
+) -> tuple[list[str], list[int], list[str]]:
+    """Docstrings of standard-library packages, labelled by package.
+
+    Returns `(texts, labels, class_names)`, shuffled with `seed`. Each text is
+    one docstring (whitespace collapsed) of at least `min_chars` characters
+    from a module, class or function in that package's source (test folders
+    left out). `max_per_class` caps each class, to balance the task. With the
+    defaults on Python 3.11 that is 2,330 examples over 9 classes
+    (tkinter 636, asyncio 297, email 271, importlib 263, logging 224, xml 202,
+    multiprocessing 159, unittest 155, http 123).
+    """
+    packages = tuple(packages)
+    if not packages:
+        raise ValueError("packages must name at least one standard-library package")
+    pairs = list(_docstring_corpus(packages, min_chars))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(pairs)
+    if max_per_class is not None:
+        _check_positive(max_per_class, "max_per_class")
+        taken: Counter = Counter()
+        kept = []
+        for text, package in pairs:
+            if taken[package] < max_per_class:
+                taken[package] += 1
+                kept.append((text, package))
+        pairs = kept
+    index = {p: i for i, p in enumerate(packages)}
+    return [t for t, _ in pairs], [index[p] for _, p in pairs], list(packages)
+
+
+@functools.lru_cache(maxsize=2)
+def python_text(max_chars: int | None = 2_000_000) -> str:
+    """Python's own documentation as one string: `pydoc_data.topics` first.
+
+    The help topics hold about 0.7 MB of English prose and code; docstrings
+    of `DEFAULT_PACKAGES` follow until `max_chars` is reached.
+    """
+    from pydoc_data.topics import topics
+
+    parts = [topics[k] for k in sorted(topics)]
+    parts += [text for text, _ in _docstring_corpus(DEFAULT_PACKAGES, 40)]
+    text = "\n\n".join(parts)
+    return text if max_chars is None else text[:max_chars]
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids; vocab_size 256, lossless.
+
+    >>> tok = ByteTokenizer()
+    >>> tok.encode("hi")
+    [104, 105]
+    >>> tok.decode([104, 105])
+    'hi'
+    """
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def lm_batches(tokens: torch.Tensor, block_size: int, batch_size: int, num_batches: int, seed: int = 0):
+    """Yield `num_batches` (x, y) pairs of shape (batch_size, block_size), y = x shifted by one."""
+    _check_positive(block_size, "block_size")
+    _check_positive(batch_size, "batch_size")
+    if tokens.dim() != 1 or len(tokens) <= block_size + 1:
+        raise ValueError(f"tokens must be 1-D and longer than block_size + 1 = {block_size + 1}, got shape {tuple(tokens.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(num_batches):
+        starts = torch.randint(0, len(tokens) - block_size - 1, (batch_size,), generator=g)
+        x = torch.stack([tokens[s : s + block_size] for s in starts.tolist()])  # (B, T)
+        y = torch.stack([tokens[s + 1 : s + block_size + 1] for s in starts.tolist()])  # (B, T)
+        yield x, y

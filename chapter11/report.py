@@ -1,0 +1,111 @@
+"""Headline numbers of an experiment, and files written so nothing is half-lost.
+
+A notebook calls `record("final_accuracy", acc)` for each number worth a line
+in `build/summary.md`. When the notebook runs under `python -m chapter11 run`,
+the variable `CH11_RECORD_PATH` names a JSON file next to the executed
+notebook and every call appends there; run by hand, the numbers just collect
+in memory (`recorded()` shows them). Nothing is printed, so notebook outputs
+stay the same whichever way they run.
+
+Every file this package writes goes through `atomic_write_bytes`: a temporary
+file in the same folder, flushed, then renamed over the target, so a crash
+leaves the old file or the new one, never half of one.
+
+    >>> _RECORDS.clear()
+    >>> record("sparsity", 0.8); record("accuracy", 0.91234, unit="fraction")
+    >>> recorded()["accuracy"]["value"]
+    0.91234
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from numbers import Real
+from pathlib import Path
+
+__all__ = ["record", "recorded", "headline_table", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "RECORD_ENV"]
+
+RECORD_ENV = "CH11_RECORD_PATH"
+_RECORDS: dict[str, dict] = {}
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write `data` to `path` atomically (temp file + rename in the same folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """`atomic_write_bytes` for UTF-8 text."""
+    return atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """`torch.save` to `path` atomically."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(buffer.getvalue(), path)
+
+
+def _plain(value):
+    """Turn numpy/torch scalars into JSON-friendly Python numbers."""
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Real):
+        value = float(value) if not isinstance(value, int) else value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"value must be finite, got {value}")
+        return value
+    raise TypeError(f"value must be a number, bool or string, got {type(value).__name__}")
+
+
+def record(name: str, value, unit: str = "", note: str = "") -> None:
+    """Record one headline number of the running experiment."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    _RECORDS[name] = {"value": _plain(value), "unit": unit, "note": note}
+    target = os.environ.get(RECORD_ENV)
+    if target:
+        atomic_write_text(json.dumps(_RECORDS, indent=2, sort_keys=True), target)
+
+
+def recorded() -> dict[str, dict]:
+    """A copy of everything recorded so far in this process."""
+    return {k: dict(v) for k, v in _RECORDS.items()}
+
+
+def headline_table(records: dict[str, dict] | None = None) -> str:
+    """Markdown table of recorded numbers (4 significant digits).
+
+    >>> print(headline_table({"acc": {"value": 0.912345, "unit": "", "note": ""}}))
+    | number | value | unit | note |
+    |---|---|---|---|
+    | acc | 0.9123 |  |  |
+    """
+    records = recorded() if records is None else records
+    lines = ["| number | value | unit | note |", "|---|---|---|---|"]
+    for name, r in records.items():
+        v = r["value"]
+        shown = f"{v:.4g}" if isinstance(v, float) else str(v)
+        lines.append(f"| {name} | {shown} | {r.get('unit', '')} | {r.get('note', '')} |")
+    return "\n".join(lines)
