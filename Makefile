@@ -43,6 +43,12 @@ lab: $(STAMP)
 notebooks: $(STAMP)
 	$(BIN)/python -m chapter11 refresh
 
+## The chapter as static HTML in book/_build/html, built offline, then checked in headless Chromium
+book: $(STAMP)
+	sh scripts/book_tools.sh
+	$(BIN)/python book/build.py
+	$(BIN)/python book/check_browser.py
+
 bench: $(STAMP)
 	$(BIN)/python -m chapter11.bench masks --json build/bench_masks.json
 	$(BIN)/python -m chapter11.bench sparse --json build/bench_sparse.json

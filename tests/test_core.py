@@ -1,0 +1,175 @@
+"""Data, models, training loops, metrics, records and the command line."""
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from chapter11 import report
+from chapter11.bench import compare, machine_info, time_callable
+from chapter11.data import ByteTokenizer, digits, lm_batches, loaders, mnist1d, python_text, stdlib_docstrings
+from chapter11.masks import apply_masks
+from chapter11.models import LeNet300100, SmallCNN, TransformerClassifier, load_llama, load_minilm, tiny_llama
+from chapter11.train import (
+    accuracy, accuracy_loop, evaluate, expected_calibration_error, expected_calibration_error_loop,
+    perplexity, reliability_data, seed_everything, train, train_lm,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_mnist1d_is_local_deterministic_and_sized():
+    a, b = mnist1d(), mnist1d()
+    assert a.X_train.shape == (4000, 40) and a.X_test.shape == (1000, 40) and a.num_classes == 10
+    assert torch.equal(a.X_train, b.X_train)
+    assert set(a.y_train.tolist()) == set(range(10))
+
+
+def test_digits_shapes():
+    split = digits()
+    assert split.X_train.shape[1:] == (1, 8, 8) and len(split.y_train) + len(split.y_test) == 1797
+    assert digits(flatten=True).X_train.shape[1] == 64
+
+
+def test_stdlib_docstrings_real_labelled_text():
+    texts, labels, names = stdlib_docstrings(max_per_class=50)
+    assert len(names) == 9 and len(texts) == len(labels) <= 9 * 50
+    assert all(len(t) >= 40 for t in texts)
+    with pytest.raises(ValueError, match="packages"):
+        stdlib_docstrings(packages=("no_such_package",))
+
+
+def test_python_text_and_byte_tokenizer():
+    text = python_text(max_chars=5000)
+    assert len(text) == 5000
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode(text)) == text
+    x, y = next(lm_batches(torch.tensor(tok.encode(text)), block_size=16, batch_size=4, num_batches=1))
+    assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+@pytest.mark.parametrize(
+    "model, x",
+    [
+        (LeNet300100(), torch.randn(3, 40)),
+        (SmallCNN(dims=1), torch.randn(3, 40)),
+        (SmallCNN(dims=2), torch.randn(3, 1, 8, 8)),
+        (TransformerClassifier(patch_size=4, max_len=10), torch.randn(3, 40)),
+    ],
+)
+def test_models_give_logits(model, x):
+    assert model(x).shape == (3, 10)
+
+
+def test_tiny_llama_and_local_checkpoint_round_trip(tmp_path):
+    model = tiny_llama(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    ids = torch.randint(0, 256, (1, 6))
+    model.save_pretrained(tmp_path / "llama")
+    loaded, tokenizer = load_llama(tmp_path / "llama")
+    assert tokenizer is None and torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-6)
+
+
+def test_missing_checkpoints_raise_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="path"):
+        load_llama(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="path"):
+        load_minilm(tmp_path)
+
+
+def test_minilm_loads_offline_as_pretrained_bert():
+    model, tokenizer = load_minilm()
+    assert model.config.num_hidden_layers == 6 and model.config.num_attention_heads == 12
+    batch = tokenizer(["a pruned network"], return_tensors="pt")
+    with torch.no_grad():
+        out = model(**batch).last_hidden_state
+    assert out.shape[-1] == 384 and torch.isfinite(out).all()
+
+
+def test_train_learns_and_keeps_masks():
+    seed_everything(0)
+    split = mnist1d()
+    train_loader, test_loader = loaders(split, batch_size=128)
+    model = LeNet300100()
+    mask = (torch.rand(300, 40) < 0.5).float()
+    apply_masks(model, {"fc1.weight": mask})
+    before = evaluate(model, test_loader)["accuracy"]
+    history = train(model, train_loader, epochs=3, lr=2e-3, eval_loader=test_loader, progress_bar=False)
+    assert history.test_accuracy[-1] > before + 0.1
+    assert history.losses[-1] < history.losses[0]
+    assert (model.fc1.weight[mask == 0] == 0).all()
+    h = train(model, train_loader, max_steps=5, progress_bar=False, callback=lambda step, *a: None)
+    assert len(h.losses) == 5
+
+
+def test_accuracy_and_ece_loops_agree_with_vectorised():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 5, generator=g)
+    labels = torch.randint(0, 5, (200,), generator=g)
+    assert accuracy_loop(logits, labels) == pytest.approx(accuracy(logits, labels))
+    probs = logits.softmax(-1)
+    for bins in (1, 5, 15):
+        assert expected_calibration_error_loop(probs, labels, bins) == pytest.approx(expected_calibration_error(probs, labels, bins), abs=1e-6)
+    data = reliability_data(probs, labels, 10)
+    assert int(data["count"].sum()) == 200
+
+
+def test_ece_is_zero_for_perfect_calibration():
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(probs, torch.tensor([0, 1])) == 0.0
+
+
+def test_train_lm_lowers_perplexity():
+    seed_everything(0)
+    tokens = torch.tensor(ByteTokenizer().encode(python_text(max_chars=20000)))
+    model = tiny_llama(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    before = perplexity(model, tokens[:4000], block_size=32)
+    train_lm(model, tokens, steps=30, block_size=32, batch_size=8, lr=1e-2, progress_bar=False)
+    after = perplexity(model, tokens[:4000], block_size=32)
+    assert after < before * 0.7 and 1 < after < 256
+
+
+def test_record_writes_json_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    monkeypatch.setenv(report.RECORD_ENV, str(path))
+    report.record("acc", torch.tensor(0.5))
+    assert json.loads(path.read_text())["acc"]["value"] == 0.5
+    with pytest.raises(ValueError, match="finite"):
+        report.record("bad", float("nan"))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_bench_harness_medians_and_ratios():
+    info = machine_info()
+    assert info["cores"] >= 1 and "torch" in info
+    assert time_callable(lambda: None, repeats=3, warmup=0)["median_s"] >= 0
+    result = compare({"a": lambda: sum(range(1000)), "b": lambda: sum(range(100))}, repeats=5, warmup=1)
+    assert result["ratio"]["a"] == 1.0 and set(result["median_s"]) == {"a", "b"}
+
+
+def test_cli_lists_experiments():
+    out = subprocess.run([sys.executable, "-m", "chapter11", "list"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "00_sparsity_and_masks" in out and "Sparsity and masks" in out
+
+
+def test_cli_rejects_unknown_experiment():
+    proc = subprocess.run([sys.executable, "-m", "chapter11", "run", "--only", "no_such"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and "--only" in proc.stderr
+
+
+def _names(requirements):
+    return {re.split(r"[<>=!~\[ ]", r.strip(), maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+
+def test_environment_yml_lists_the_same_packages_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = _names(project["dependencies"] + project["optional-dependencies"]["dev"])
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    listed = _names(p for p in pip if not p.startswith("-e"))
+    assert listed == wanted, (listed ^ wanted)
