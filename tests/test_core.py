@@ -4,7 +4,7 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
+
 from pathlib import Path
 
 import pytest
@@ -167,6 +167,7 @@ def _names(requirements):
 
 
 def test_environment_yml_lists_the_same_packages_as_pyproject():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = _names(project["dependencies"] + project["optional-dependencies"]["dev"])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
