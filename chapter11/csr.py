@@ -1,0 +1,868 @@
+"""Compressed sparse row (CSR) storage for pruned weights, and kernels that use it.
+
+The chapter's workflow ends with "Export: store sparse format (CSR)". A CSR
+matrix keeps only the non-zeros of each row:
+
+    data[k]     the k-th non-zero value, row by row            (nnz,)
+    indices[k]  its column                                     (nnz,)
+    indptr[i]   where row i starts in data; row i is data[indptr[i]:indptr[i+1]]   (rows + 1,)
+
+Covers: building CSR with loops (`to_csr_loop`) and vectorised (`to_csr`),
+going back (`to_dense_loop`, `to_dense`), the smallest index type that fits
+(`index_dtype_for`: int16 up to 32,768 columns, else int32), storage in bytes
+for dense / CSR / COO / bitmask / N:M (`storage_bytes`, `csr_nbytes`,
+`traffic_limit`), reference kernels (`csr_matvec_loop`, `csr_matmul_loop`),
+fast CPU kernels compiled by numba (`csr_matvec`, `csr_matmul`), a module
+that runs a pruned `nn.Linear` through them (`SparseLinear`, `sparsify`) and
+the benchmark behind `python -m chapter11.bench sparse` (`benchmark`,
+`benchmark_main`).
+
+Why a sparse kernel can only win by so much: a matrix-vector product reads
+every stored byte of the weight once and does one multiply-add per value, so
+on a CPU it is limited by memory traffic. Dense float32 reads 4 bytes per
+weight; CSR with int32 indices reads 8 bytes per *kept* weight. At sparsity s
+the best possible speedup is 4 / (8 (1 - s)) = 5x at 90% (`traffic_limit`).
+
+    >>> W = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 3.0]])
+    >>> A = to_csr(W)
+    >>> A.data.tolist(), A.indices.tolist(), A.indptr.tolist()
+    ([2.0, 1.0, 3.0], [1, 0, 2], [0, 1, 1, 3])
+    >>> csr_matvec(A, torch.tensor([1.0, 1.0, 1.0])).tolist()
+    [2.0, 0.0, 4.0]
+
+But: no autograd through the kernels (inference only), no CSC/blocked
+formats, float16 values are multiplied in float32 by the fast kernel, and
+the kernels are tuned for 2-8 CPU threads, not for GPUs (see
+`chapter11.nm` for the GPU paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+from torch import nn
+
+from chapter11.report import atomic_write_bytes, atomic_write_text
+from chapter11.sparsity import check_sparsity
+
+__all__ = [
+    "CSR",
+    "index_dtype_for",
+    "to_csr_loop",
+    "to_csr",
+    "to_dense_loop",
+    "to_dense",
+    "csr_nbytes",
+    "storage_bytes",
+    "traffic_limit",
+    "csr_matvec_loop",
+    "csr_matvec",
+    "csr_matmul_loop",
+    "csr_matmul",
+    "SparseLinear",
+    "sparsify",
+    "benchmark",
+    "benchmark_main",
+    "crossover_sparsity",
+    "plot_benchmark",
+    "SPARSITIES",
+    "IMPLS",
+]
+
+_VALUE_DTYPES = (np.float16, np.float32, np.float64)
+_INDEX_NAMES = {"int16": np.int16, "int32": np.int32, "int64": np.int64}
+SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
+IMPLS = ("dense", "chapter11", "scipy", "torch_sparse")
+
+
+# ---------------------------------------------------------------- the format
+
+
+@dataclass(frozen=True, eq=False)
+class CSR:
+    """A matrix in compressed sparse row form (numpy arrays, read-only use).
+
+    >>> A = to_csr(torch.tensor([[0.0, 5.0], [0.0, 0.0]]))
+    >>> A
+    CSR(shape=(2, 2), nnz=1, sparsity=0.750, values=float32, indices=int16, 18 bytes)
+    """
+
+    data: np.ndarray  # (nnz,) values
+    indices: np.ndarray  # (nnz,) column of each value
+    indptr: np.ndarray  # (rows + 1,) row i is data[indptr[i]:indptr[i + 1]]
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def sparsity(self) -> float:
+        total = self.shape[0] * self.shape[1]
+        return 1.0 - self.nnz / total
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the three arrays: what storing or streaming this matrix costs."""
+        return int(self.data.nbytes + self.indices.nbytes + self.indptr.nbytes)
+
+    def to_scipy(self):
+        """The same matrix as `scipy.sparse.csr_array` (shares memory where it can)."""
+        import scipy.sparse as sp
+
+        return sp.csr_array((self.data, self.indices, self.indptr), shape=self.shape)
+
+    def to_torch(self) -> torch.Tensor:
+        """The same matrix as a torch sparse CSR tensor (int16 indices widen to int32)."""
+        index = np.int64 if self.indptr.dtype == np.int64 else np.int32
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(self.indptr.astype(index, copy=False)),
+            torch.from_numpy(self.indices.astype(index, copy=False)),
+            torch.from_numpy(self.data),
+            size=self.shape,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"CSR(shape={self.shape}, nnz={self.nnz}, sparsity={self.sparsity:.3f}, values={self.data.dtype}, "
+            f"indices={self.indices.dtype}, {self.nbytes} bytes)"
+        )
+
+
+def index_dtype_for(num_cols: int) -> np.dtype:
+    """The narrowest signed integer type that can hold every column index.
+
+    int16 reaches column 32,767, so up to 32,768 columns; int32 beyond.
+
+    >>> index_dtype_for(4096), index_dtype_for(40000)
+    (dtype('int16'), dtype('int32'))
+    """
+    if isinstance(num_cols, bool) or not isinstance(num_cols, (int, np.integer)) or num_cols < 0:
+        raise ValueError(f"num_cols must be a non-negative int, got {num_cols!r}")
+    if num_cols <= np.iinfo(np.int16).max + 1:
+        return np.dtype(np.int16)
+    if num_cols <= np.iinfo(np.int32).max + 1:
+        return np.dtype(np.int32)
+    return np.dtype(np.int64)
+
+
+def _index_dtype(index_dtype, num_cols: int) -> np.dtype:
+    """Resolve the `index_dtype` argument (None = narrowest that fits)."""
+    if index_dtype is None:
+        return index_dtype_for(num_cols)
+    if isinstance(index_dtype, torch.dtype):
+        index_dtype = str(index_dtype).replace("torch.", "")
+    try:
+        dt = np.dtype(_INDEX_NAMES.get(index_dtype, index_dtype))
+    except TypeError:
+        dt = None
+    if dt is None or dt not in (np.dtype(np.int16), np.dtype(np.int32), np.dtype(np.int64)):
+        raise ValueError(f"index_dtype must be None, 'int16', 'int32' or 'int64', got {index_dtype!r}")
+    if num_cols > np.iinfo(dt).max + 1:
+        raise ValueError(f"index_dtype {dt} cannot index {num_cols} columns; use {index_dtype_for(num_cols)} or wider")
+    return dt
+
+
+def _indptr_dtype(nnz: int) -> np.dtype:
+    return np.dtype(np.int32) if nnz <= np.iinfo(np.int32).max else np.dtype(np.int64)
+
+
+def _as_matrix(weight, name: str = "weight") -> np.ndarray:
+    """`weight` as a 2-D float numpy array (a view when possible), or raise."""
+    if isinstance(weight, torch.Tensor):
+        if weight.dtype == torch.bfloat16:
+            raise TypeError(f"{name} has dtype bfloat16, which numpy cannot hold; convert it to float16 or float32 first")
+        weight = weight.detach().cpu()
+        if weight.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {weight.layout}")
+        weight = weight.numpy()
+    if not isinstance(weight, np.ndarray):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(weight).__name__}")
+    if weight.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (rows, cols), got shape {tuple(weight.shape)}")
+    if weight.dtype not in _VALUE_DTYPES:
+        raise TypeError(f"{name} must hold float16, float32 or float64 values, got {weight.dtype}")
+    if not np.isfinite(weight).all():
+        raise ValueError(f"{name} contains NaN or inf; a pruned weight must be finite to be stored")
+    return weight
+
+
+def to_csr_loop(weight, index_dtype=None) -> CSR:
+    """CSR by visiting every entry in row order and keeping the non-zeros.
+
+    >>> to_csr_loop(torch.tensor([[0.0, 7.0], [8.0, 0.0]])).indptr.tolist()
+    [0, 1, 2]
+    """
+    W = _as_matrix(weight)  # (rows, cols)
+    rows, cols = W.shape
+    idx = _index_dtype(index_dtype, cols)
+    data, indices, indptr = [], [], [0]
+    for i in range(rows):
+        for j in range(cols):
+            if W[i, j] != 0:
+                data.append(W[i, j])
+                indices.append(j)
+        indptr.append(len(data))
+    return CSR(
+        np.array(data, dtype=W.dtype),
+        np.array(indices, dtype=idx),
+        np.array(indptr, dtype=_indptr_dtype(len(data))),
+        (rows, cols),
+    )
+
+
+def to_csr(weight, index_dtype=None) -> CSR:
+    """CSR with numpy (vectorised); agrees with `to_csr_loop`.
+
+    `index_dtype=None` picks int16 for up to 32,768 columns, else int32.
+
+    >>> A = to_csr(torch.tensor([[0.0, 7.0, 0.0]]), index_dtype="int32")
+    >>> A.indices.dtype, A.indices.tolist()
+    (dtype('int32'), [1])
+    """
+    W = _as_matrix(weight)  # (rows, cols)
+    rows, cols = W.shape
+    idx = _index_dtype(index_dtype, cols)
+    r, c = np.nonzero(W)  # row-major order: rows ascending, columns ascending within a row
+    nnz = r.shape[0]
+    counts = np.bincount(r, minlength=rows)  # (rows,)
+    indptr = np.zeros(rows + 1, dtype=_indptr_dtype(nnz))
+    np.cumsum(counts, out=indptr[1:])
+    return CSR(np.ascontiguousarray(W[r, c]), c.astype(idx), indptr, (rows, cols))
+
+
+def _check_csr(csr, name: str = "csr") -> CSR:
+    if not isinstance(csr, CSR):
+        raise TypeError(f"{name} must be a chapter11.csr.CSR (build one with to_csr), got {type(csr).__name__}")
+    return csr
+
+
+def to_dense_loop(csr: CSR) -> torch.Tensor:
+    """Back to a dense tensor, writing each stored value at (row, indices[k]).
+
+    >>> to_dense_loop(to_csr(torch.tensor([[0.0, 7.0]]))).tolist()
+    [[0.0, 7.0]]
+    """
+    csr = _check_csr(csr)
+    W = np.zeros(csr.shape, dtype=csr.dtype)  # (rows, cols)
+    for i in range(csr.shape[0]):
+        for k in range(csr.indptr[i], csr.indptr[i + 1]):
+            W[i, csr.indices[k]] = csr.data[k]
+    return torch.from_numpy(W)
+
+
+def to_dense(csr: CSR) -> torch.Tensor:
+    """Back to a dense tensor (vectorised); exact inverse of `to_csr`.
+
+    >>> to_dense(to_csr(torch.tensor([[0.0, 7.0], [0.0, 0.0]]))).tolist()
+    [[0.0, 7.0], [0.0, 0.0]]
+    """
+    csr = _check_csr(csr)
+    W = np.zeros(csr.shape, dtype=csr.dtype)  # (rows, cols)
+    rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))  # (nnz,) row of each value
+    W[rows, csr.indices] = csr.data
+    return torch.from_numpy(W)
+
+
+# ------------------------------------------------------------ storage in bytes
+
+
+def csr_nbytes(rows: int, cols: int, nnz: int, value_dtype="float32", index_dtype=None) -> int:
+    """Bytes of a CSR matrix: nnz * (value + index) + (rows + 1) * row-pointer.
+
+    Row pointers are int32 unless nnz needs int64; `index_dtype=None` is the
+    narrowest that fits `cols` (as in `to_csr`).
+
+    >>> csr_nbytes(4096, 4096, 1677722, "float32", "int32")
+    13438164
+    """
+    for arg, v in (("rows", rows), ("cols", cols), ("nnz", nnz)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{arg} must be a non-negative int, got {v!r}")
+    if nnz > rows * cols:
+        raise ValueError(f"nnz must be at most rows * cols = {rows * cols}, got {nnz}")
+    value = np.dtype(str(value_dtype).replace("torch.", "")).itemsize
+    index = _index_dtype(index_dtype, cols).itemsize
+    return int(nnz * (value + index) + (rows + 1) * _indptr_dtype(nnz).itemsize)
+
+
+def storage_bytes(weight, value_dtype=None, index_dtype=None, n: int = 2, m: int = 4) -> dict[str, int]:
+    """Bytes to store `weight` in each format, counting its exact zeros.
+
+    - dense: every value.
+    - csr: values + column indices + row pointers (`csr_nbytes`).
+    - coo: values + a row and a column index per value.
+    - bitmask: one bit per position + the kept values.
+    - nm: an N:M compressed matrix (what 2:4 GPUs store): N of every M values
+      plus ceil(log2 M) bits of position each, whatever the zeros (it only
+      applies when each group of M holds at most N non-zeros).
+
+    >>> W = torch.zeros(4, 8); W[0, 0] = 1.0
+    >>> storage_bytes(W, index_dtype="int32")
+    {'dense': 128, 'csr': 28, 'coo': 12, 'bitmask': 8, 'nm': 68}
+    """
+    W = _as_matrix(weight)  # (rows, cols)
+    rows, cols = W.shape
+    nnz = int(np.count_nonzero(W))
+    vdt = W.dtype if value_dtype is None else np.dtype(str(value_dtype).replace("torch.", ""))
+    v = vdt.itemsize
+    idx = _index_dtype(index_dtype, cols)
+    row_idx = _index_dtype(index_dtype, rows)
+    kept_nm = rows * cols * n // m
+    return {
+        "dense": rows * cols * v,
+        "csr": csr_nbytes(rows, cols, nnz, vdt, idx),
+        "coo": nnz * (v + idx.itemsize + row_idx.itemsize),
+        "bitmask": math.ceil(rows * cols / 8) + nnz * v,
+        "nm": kept_nm * v + math.ceil(kept_nm * max(1, math.ceil(math.log2(m))) / 8),
+    }
+
+
+def traffic_limit(sparsity: float, value_bytes: int = 4, index_bytes: int = 4) -> float:
+    """Dense bytes over CSR bytes: the most a memory-bound CSR kernel can gain.
+
+    value / ((1 - s) (value + index)), ignoring the small row-pointer array.
+
+    >>> round(traffic_limit(0.9), 6)
+    5.0
+    >>> round(traffic_limit(0.9, index_bytes=2), 2)
+    6.67
+    """
+    s = check_sparsity(sparsity)
+    for arg, b in (("value_bytes", value_bytes), ("index_bytes", index_bytes)):
+        if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
+            raise ValueError(f"{arg} must be a positive int, got {b!r}")
+    return value_bytes / ((1.0 - s) * (value_bytes + index_bytes))
+
+
+# ------------------------------------------------------------------- kernels
+
+
+def _as_operand(x, csr: CSR, ndim: int, name: str) -> tuple[np.ndarray, bool]:
+    """(x as a float numpy array, whether the caller gave a torch tensor)."""
+    is_torch = isinstance(x, torch.Tensor)
+    if is_torch:
+        x = x.detach().cpu().numpy()
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if x.ndim != ndim or x.shape[0] != csr.shape[1]:
+        want = "(cols,)" if ndim == 1 else "(cols, batch)"
+        raise ValueError(f"{name} must have shape {want} with cols = {csr.shape[1]}, got {tuple(x.shape)}")
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name} must hold floats, got {x.dtype}")
+    return x, is_torch
+
+
+def _back(y: np.ndarray, is_torch: bool):
+    return torch.from_numpy(y) if is_torch else y
+
+
+def csr_matvec_loop(csr: CSR, x):
+    """y = W x with W in CSR: y[i] = sum over k in row i of data[k] * x[indices[k]].
+
+    The reference kernel: one row at a time, one stored value at a time.
+
+    >>> A = to_csr(torch.tensor([[1.0, 0.0, 2.0]]))
+    >>> csr_matvec_loop(A, torch.tensor([3.0, 5.0, 7.0])).tolist()
+    [17.0]
+    """
+    csr = _check_csr(csr)
+    x, is_torch = _as_operand(x, csr, 1, "x")  # (cols,)
+    y = np.zeros(csr.shape[0], dtype=np.result_type(csr.dtype, x.dtype))  # (rows,)
+    for i in range(csr.shape[0]):
+        total = 0.0
+        for k in range(csr.indptr[i], csr.indptr[i + 1]):
+            total += float(csr.data[k]) * float(x[csr.indices[k]])
+        y[i] = total
+    return _back(y, is_torch)
+
+
+def csr_matmul_loop(csr: CSR, X):
+    """Y = W X for a batch of columns X (cols, batch): each row of W meets every column.
+
+    >>> A = to_csr(torch.tensor([[1.0, 0.0, 2.0]]))
+    >>> csr_matmul_loop(A, torch.tensor([[1.0, 0.0], [5.0, 5.0], [1.0, 1.0]])).tolist()
+    [[3.0, 2.0]]
+    """
+    csr = _check_csr(csr)
+    X, is_torch = _as_operand(X, csr, 2, "X")  # (cols, batch)
+    Y = np.zeros((csr.shape[0], X.shape[1]), dtype=np.result_type(csr.dtype, X.dtype))  # (rows, batch)
+    for i in range(csr.shape[0]):
+        for b in range(X.shape[1]):
+            total = 0.0
+            for k in range(csr.indptr[i], csr.indptr[i + 1]):
+                total += float(csr.data[k]) * float(X[csr.indices[k], b])
+            Y[i, b] = total
+    return _back(Y, is_torch)
+
+
+# Compiled kernels. fastmath stays off, so every add happens as written; four
+# partial sums per row break the add-latency chain (the loop still reads the
+# values and indices once, in order, which is what memory bandwidth pays for).
+# Each kernel comes serial and parallel (rows split across threads): a
+# parallel launch costs microseconds on an idle machine but can cost
+# milliseconds when other processes hold the cores (see notebook 08).
+@njit(inline="always", fastmath=False, boundscheck=False)
+def _row_dot(data, indices, x, start, end):  # pragma: no cover - compiled
+    a0 = x.dtype.type(0)
+    a1 = x.dtype.type(0)
+    a2 = x.dtype.type(0)
+    a3 = x.dtype.type(0)
+    k = start
+    while k + 4 <= end:
+        a0 += data[k] * x[indices[k]]
+        a1 += data[k + 1] * x[indices[k + 1]]
+        a2 += data[k + 2] * x[indices[k + 2]]
+        a3 += data[k + 3] * x[indices[k + 3]]
+        k += 4
+    while k < end:
+        a0 += data[k] * x[indices[k]]
+        k += 1
+    return (a0 + a1) + (a2 + a3)
+
+
+@njit(inline="always", fastmath=False, boundscheck=False)
+def _row_times_batch(data, indices, X, start, end, out_row):  # pragma: no cover - compiled
+    # X (cols, batch) and out_row (batch,) are row-major: the batch is the
+    # contiguous axis, so each stored value updates `batch` neighbours (SIMD).
+    for b in range(out_row.shape[0]):
+        out_row[b] = 0
+    for k in range(start, end):
+        v = data[k]
+        row = X[indices[k]]
+        for b in range(out_row.shape[0]):
+            out_row[b] += v * row[b]
+
+
+@njit(parallel=True, fastmath=False, boundscheck=False, cache=True, nogil=True)
+def _matvec_kernel(data, indices, indptr, x, out):  # pragma: no cover - compiled
+    for i in prange(out.shape[0]):
+        out[i] = _row_dot(data, indices, x, indptr[i], indptr[i + 1])
+
+
+@njit(fastmath=False, boundscheck=False, cache=True, nogil=True)
+def _matvec_serial(data, indices, indptr, x, out):  # pragma: no cover - compiled
+    for i in range(out.shape[0]):
+        out[i] = _row_dot(data, indices, x, indptr[i], indptr[i + 1])
+
+
+@njit(parallel=True, fastmath=False, boundscheck=False, cache=True, nogil=True)
+def _matmul_kernel(data, indices, indptr, X, out):  # pragma: no cover - compiled
+    for i in prange(out.shape[0]):
+        _row_times_batch(data, indices, X, indptr[i], indptr[i + 1], out[i])
+
+
+@njit(fastmath=False, boundscheck=False, cache=True, nogil=True)
+def _matmul_serial(data, indices, indptr, X, out):  # pragma: no cover - compiled
+    for i in range(out.shape[0]):
+        _row_times_batch(data, indices, X, indptr[i], indptr[i + 1], out[i])
+
+
+# Below this many multiply-adds one thread wins even on an idle machine.
+PARALLEL_MIN_WORK = 200_000
+
+
+def _use_threads(num_threads, work: int) -> bool:
+    threads = numba.get_num_threads() if num_threads is None else num_threads
+    return threads > 1 and work >= PARALLEL_MIN_WORK
+
+
+def _compute_dtype(csr: CSR) -> np.dtype:
+    return np.dtype(np.float64) if csr.dtype == np.float64 else np.dtype(np.float32)
+
+
+def _values(csr: CSR, dtype: np.dtype) -> np.ndarray:
+    return csr.data if csr.data.dtype == dtype else csr.data.astype(dtype)
+
+
+class _threads:
+    """Context manager: run numba kernels with `num_threads` threads, then restore."""
+
+    def __init__(self, num_threads):
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or not 1 <= num_threads <= numba.config.NUMBA_NUM_THREADS):
+            raise ValueError(f"num_threads must be None or an int in [1, {numba.config.NUMBA_NUM_THREADS}], got {num_threads!r}")
+        self.num_threads = num_threads
+
+    def __enter__(self):
+        self.old = numba.get_num_threads()
+        if self.num_threads is not None:
+            numba.set_num_threads(self.num_threads)
+
+    def __exit__(self, *exc):
+        numba.set_num_threads(self.old)
+
+
+def csr_matvec(csr: CSR, x, out=None, num_threads: int | None = None):
+    """y = W x with the compiled kernel; agrees with `csr_matvec_loop`.
+
+    Rows are split across `num_threads` threads (default: numba's count) when
+    the matrix holds at least `PARALLEL_MIN_WORK` values; `num_threads=1`
+    runs the serial kernel.
+
+    Takes and returns numpy arrays or torch tensors (the same kind as `x`).
+    float16 values are multiplied in float32.
+
+    >>> A = to_csr(torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0]]))
+    >>> csr_matvec(A, np.array([3.0, 5.0, 7.0], dtype=np.float32)).tolist()
+    [17.0, 0.0]
+    """
+    csr = _check_csr(csr)
+    x, is_torch = _as_operand(x, csr, 1, "x")  # (cols,)
+    dtype = _compute_dtype(csr)
+    x = np.ascontiguousarray(x, dtype=dtype)
+    if out is None:
+        out = np.empty(csr.shape[0], dtype=dtype)  # (rows,)
+    elif not (isinstance(out, np.ndarray) and out.shape == (csr.shape[0],) and out.dtype == dtype and out.flags.c_contiguous):
+        raise ValueError(f"out must be a contiguous {dtype} numpy array of shape ({csr.shape[0]},)")
+    kernel = _matvec_kernel if _use_threads(num_threads, csr.nnz) else _matvec_serial
+    with _threads(num_threads):
+        kernel(_values(csr, dtype), csr.indices, csr.indptr, x, out)
+    return _back(out, is_torch)
+
+
+def csr_matmul(csr: CSR, X, out=None, num_threads: int | None = None):
+    """Y = W X for X (cols, batch), compiled; agrees with `csr_matmul_loop`.
+
+    Keep the batch on the last (contiguous) axis: that is what lets each
+    stored weight update a whole row of `batch` outputs with SIMD.
+
+    >>> A = to_csr(torch.tensor([[1.0, 0.0, 2.0]]))
+    >>> csr_matmul(A, torch.tensor([[1.0, 0.0], [5.0, 5.0], [1.0, 1.0]])).tolist()
+    [[3.0, 2.0]]
+    """
+    csr = _check_csr(csr)
+    X, is_torch = _as_operand(X, csr, 2, "X")  # (cols, batch)
+    dtype = _compute_dtype(csr)
+    X = np.ascontiguousarray(X, dtype=dtype)
+    shape = (csr.shape[0], X.shape[1])
+    if out is None:
+        out = np.empty(shape, dtype=dtype)  # (rows, batch)
+    elif not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype and out.flags.c_contiguous):
+        raise ValueError(f"out must be a contiguous {dtype} numpy array of shape {shape}")
+    kernel = _matmul_kernel if _use_threads(num_threads, csr.nnz * X.shape[1]) else _matmul_serial
+    with _threads(num_threads):
+        kernel(_values(csr, dtype), csr.indices, csr.indptr, X, out)
+    return _back(out, is_torch)
+
+
+# ----------------------------------------------------------- modules in a model
+
+
+class SparseLinear(nn.Module):
+    """A pruned `nn.Linear` whose weight lives in CSR and runs through `csr_matvec`/`csr_matmul`.
+
+    Inference only: the output carries no gradient. The CSR arrays are
+    buffers (`values`, `col_indices`, `row_offsets`), so `state_dict` keeps them.
+
+    >>> layer = nn.Linear(3, 2)
+    >>> with torch.no_grad():
+    ...     _ = layer.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]])); _ = layer.bias.zero_()
+    >>> sparse = SparseLinear.from_linear(layer)
+    >>> sparse(torch.tensor([[1.0, 1.0, 1.0]])).tolist()
+    [[1.0, 2.0]]
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, index_dtype="int32"):
+        super().__init__()
+        csr = to_csr(weight.detach().float(), index_dtype=index_dtype)
+        self.out_features, self.in_features = csr.shape
+        self.register_buffer("values", torch.from_numpy(csr.data))  # (nnz,)
+        self.register_buffer("col_indices", torch.from_numpy(csr.indices))  # (nnz,)
+        self.register_buffer("row_offsets", torch.from_numpy(csr.indptr))  # (out_features + 1,)
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            self.register_buffer("bias", bias.detach().float().clone())
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, index_dtype="int32") -> "SparseLinear":
+        """Build from an `nn.Linear`, applying its `weight_mask` if it has one."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        mask = getattr(linear, "weight_mask", None)
+        if mask is not None:
+            weight = weight * mask
+        return cls(weight, linear.bias, index_dtype=index_dtype)
+
+    @property
+    def csr(self) -> CSR:
+        return CSR(self.values.numpy(), self.col_indices.numpy(), self.row_offsets.numpy(), (self.out_features, self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must end in in_features = {self.in_features}, got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        X = x.detach().reshape(-1, self.in_features).float()  # (B, in)
+        if X.shape[0] == 1:
+            y = csr_matvec(self.csr, X[0].numpy())[None, :]  # (1, out)
+        else:
+            y = csr_matmul(self.csr, X.T.contiguous().numpy()).T  # (B, out)
+        y = torch.from_numpy(np.ascontiguousarray(y))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        csr = self.csr
+        return f"in_features={self.in_features}, out_features={self.out_features}, sparsity={csr.sparsity:.3f}, bytes={csr.nbytes}"
+
+
+def sparsify(model: nn.Module, min_sparsity: float = 0.8, inplace: bool = False) -> nn.Module:
+    """Swap every `nn.Linear` whose weight is at least `min_sparsity` zeros for a `SparseLinear`.
+
+    The default 0.8 is where CSR's byte count drops to 40% of dense (traffic
+    limit 2.5x) and where CSR kernels began to beat dense in our runs
+    (notebook 08 measures the crossover on your machine); below it the dense
+    layer stays. Returns a copy unless `inplace`.
+
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.zero_()
+    >>> [type(m).__name__ for m in sparsify(model, min_sparsity=0.5)]
+    ['SparseLinear', 'ReLU', 'Linear']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    min_sparsity = check_sparsity(min_sparsity, "min_sparsity")
+    model = model if inplace else copy.deepcopy(model)
+    swaps = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                weight = child.weight.detach()
+                mask = getattr(child, "weight_mask", None)
+                if mask is not None:
+                    weight = weight * mask
+                if 1.0 - torch.count_nonzero(weight).item() / weight.numel() >= min_sparsity:
+                    swaps.append((module, child_name, child))
+    for module, child_name, child in swaps:
+        setattr(module, child_name, SparseLinear.from_linear(child))
+    return model
+
+
+# ------------------------------------------------------------------ benchmark
+
+
+def _medians(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each candidate, with the candidates interleaved round by round
+    (so a noisy neighbour slows all of them, not just one)."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _random_pruned(size: int, sparsity: float, rng: np.random.Generator) -> np.ndarray:
+    """A (size, size) float32 matrix with exactly round(sparsity * size^2) zeros at random places."""
+    W = rng.standard_normal((size, size), dtype=np.float32)  # (size, size)
+    zeros = rng.permutation(size * size)[: round(sparsity * size * size)]
+    W.reshape(-1)[zeros] = 0.0
+    W[W == 0] = 0.0  # no negative zeros
+    kept = W != 0
+    W[kept & (np.abs(W) < 1e-3)] = 1e-3  # a random normal is never exactly 0, but be sure
+    return W
+
+
+def benchmark(
+    size: int = 4096,
+    sparsities: Sequence[float] = SPARSITIES,
+    batches: Sequence[int] = (1, 32),
+    repeats: int = 15,
+    seed: int = 0,
+    num_threads: int | None = None,
+    verbose: bool = True,
+) -> list[dict]:
+    """Time dense, our CSR kernel, scipy and torch.sparse_csr in one process; return rows.
+
+    For every (sparsity, batch): check all four against dense, then time them
+    interleaved and keep the medians. Dense is the faster of numpy and torch in
+    this run. Each row is {"impl", "sparsity", "batch", "median_s",
+    "speedup_vs_dense", "traffic_limit"}; the traffic limit is dense bytes over
+    our CSR bytes (float32 values, int32 indices, as in scipy and our kernel).
+    """
+    import scipy.sparse as sp
+
+    if isinstance(size, bool) or not isinstance(size, int) or size < 4:
+        raise ValueError(f"size must be an int >= 4, got {size!r}")
+    sparsities = [check_sparsity(s, "sparsities") for s in sparsities]
+    for b in batches:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"batches must hold positive ints, got {b!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    rng = np.random.default_rng(seed)
+    rows = []
+    with _threads(num_threads):
+        for s in sparsities:
+            W = _random_pruned(size, s, rng)  # (size, size)
+            Wt = torch.from_numpy(W)
+            ours = to_csr(W, index_dtype="int32")
+            dense_bytes = W.nbytes
+            limit = dense_bytes / ours.nbytes
+            scipy_A = sp.csr_array(W)  # scipy picks its own index type (int32 here)
+            with torch.sparse.check_sparse_tensor_invariants(False):
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch_A = Wt.to_sparse_csr()  # what a user gets: int64 indices
+            for batch in batches:
+                x = rng.standard_normal((size, batch), dtype=np.float32)  # (size, batch)
+                if batch == 1:
+                    x = x[:, 0].copy()  # (size,)
+                xt = torch.from_numpy(x)
+                out = np.empty((size,) if batch == 1 else (size, batch), dtype=np.float32)
+                kernel = csr_matvec if batch == 1 else csr_matmul
+                candidates = {
+                    "numpy_dense": lambda: W @ x,
+                    "torch_dense": lambda: torch.mv(Wt, xt) if batch == 1 else torch.mm(Wt, xt),
+                    "chapter11": lambda: kernel(ours, x, out=out),
+                    "scipy": lambda: scipy_A @ x,
+                    "torch_sparse": lambda: (torch_A @ xt),
+                }
+                # correctness first: every candidate against float64 dense
+                want = W.astype(np.float64) @ x.astype(np.float64)
+                scale = np.abs(W).astype(np.float64) @ np.abs(x).astype(np.float64) + 1e-30
+                for name, fn in candidates.items():
+                    got = np.asarray(fn().numpy() if name.startswith("torch") else fn(), dtype=np.float64)
+                    err = float(np.max(np.abs(got - want) / scale))
+                    if not err < 1e-5:
+                        raise AssertionError(f"{name} disagrees with dense at sparsity {s}, batch {batch}: relative error {err:.2e}")
+                med = _medians(candidates, repeats=repeats)
+                best_dense = min(med["numpy_dense"], med["torch_dense"])
+                dense_name = "numpy" if med["numpy_dense"] <= med["torch_dense"] else "torch"
+                for impl, key in (("dense", None), ("chapter11", "chapter11"), ("scipy", "scipy"), ("torch_sparse", "torch_sparse")):
+                    t = best_dense if key is None else med[key]
+                    rows.append(
+                        {"impl": impl, "sparsity": s, "batch": batch, "median_s": t, "speedup_vs_dense": best_dense / t, "traffic_limit": limit}
+                    )
+                if verbose:
+                    line = "  ".join(f"{k} {best_dense / med[k]:5.2f}x" for k in ("chapter11", "scipy", "torch_sparse"))
+                    print(f"s={s:<5} batch={batch:<3} dense({dense_name}) {best_dense * 1e3:8.2f} ms  {line}  limit {limit:5.2f}x", flush=True)
+    return rows
+
+
+def crossover_sparsity(rows: list[dict], impl: str = "chapter11", batch: int = 1) -> float | None:
+    """Lowest sparsity where `impl` beats dense, interpolated between measured points.
+
+    None if it never does; the lowest measured sparsity if it always does.
+
+    >>> rows = [{"impl": "chapter11", "batch": 1, "sparsity": s, "speedup_vs_dense": v} for s, v in [(0.5, 0.5), (0.8, 1.5)]]
+    >>> round(crossover_sparsity(rows), 3)
+    0.65
+    """
+    pts = sorted((r["sparsity"], r["speedup_vs_dense"]) for r in rows if r["impl"] == impl and r["batch"] == batch)
+    if not pts:
+        raise ValueError(f"rows hold no results for impl={impl!r}, batch={batch}")
+    if pts[0][1] >= 1:
+        return pts[0][0]
+    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+        if v0 < 1 <= v1:
+            return s0 + (1 - v0) * (s1 - s0) / (v1 - v0)
+    return None
+
+
+def plot_benchmark(rows: list[dict], path=None):
+    """Speedup over dense against sparsity, one panel per batch, with the traffic limit.
+
+    Returns the figure; with `path` also saves a PNG there (atomically).
+    """
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.8), squeeze=False)
+    styles = {"chapter11": "o-", "scipy": "s--", "torch_sparse": "^--", "dense": "k-"}
+    for ax, batch in zip(axes[0], batches):
+        sub = [r for r in rows if r["batch"] == batch]
+        for impl in IMPLS:
+            pts = sorted((r["sparsity"], r["speedup_vs_dense"]) for r in sub if r["impl"] == impl)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[impl], label=impl if impl != "dense" else "dense (best of numpy, torch)")
+        lim = sorted({(r["sparsity"], r["traffic_limit"]) for r in sub})
+        ax.plot([p[0] for p in lim], [p[1] for p in lim], ":", color="gray", label="traffic limit (dense / CSR bytes)")
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity (fraction of zeros)")
+        ax.set_ylabel("speedup over dense (x)")
+        ax.set_title(f"batch {batch}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
+        atomic_write_bytes(buf.getvalue(), path)
+    return fig
+
+
+def _machine() -> dict:
+    try:
+        from chapter11.bench import machine_info  # the lead's harness, when present
+
+        return machine_info()
+    except Exception:
+        import platform
+
+        return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "numba": numba.__version__}
+
+
+def benchmark_main(argv=None) -> list[dict]:
+    """`python -m chapter11.bench sparse [--quick] [--json PATH] [--plot PATH]`."""
+    parser = argparse.ArgumentParser(prog="python -m chapter11.bench sparse", description="CSR kernels against dense, scipy and torch.sparse_csr")
+    parser.add_argument("--quick", action="store_true", help="2048x2048 and 5 repeats instead of 4096x4096 and 15")
+    parser.add_argument("--size", type=int, default=None, help="rows = cols of the weight (default 4096, quick 2048)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per candidate (default 15, quick 5)")
+    parser.add_argument("--threads", type=int, default=None, help="threads for numba and torch (default: numba's)")
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON here")
+    parser.add_argument("--plot", metavar="PATH", default="build/bench_sparse.png", help="save the plot here (default build/bench_sparse.png)")
+    args = parser.parse_args(argv)
+    size = args.size or (2048 if args.quick else 4096)
+    repeats = args.repeats or (5 if args.quick else 15)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("machine:", json.dumps(_machine()), flush=True)
+    print(f"weight {size}x{size} float32, {repeats} interleaved repeats, numba threads {args.threads or numba.get_num_threads()}, torch threads {torch.get_num_threads()}", flush=True)
+    rows = benchmark(size=size, repeats=repeats, num_threads=args.threads)
+    for batch in sorted({r["batch"] for r in rows}):
+        cross = crossover_sparsity(rows, "chapter11", batch)
+        where = "never (not at any measured sparsity)" if cross is None else f"{cross:.2f}"
+        print(f"batch {batch}: chapter11 beats dense from sparsity {where}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        plot_benchmark(rows, args.plot)
+        print(f"plot: {args.plot}")
+    if args.json:
+        atomic_write_text(json.dumps(rows, indent=1), args.json)
+        print(f"json: {args.json}")
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover
+    benchmark_main(sys.argv[1:])
