@@ -162,6 +162,7 @@ def train(
                 callback(step, model, optimizer, x, y)
             if eval_loader is not None and eval_every and step % eval_every == 0:
                 _evaluate()
+                model.train()  # evaluate() left it in eval mode
             if max_steps is not None and step >= max_steps:
                 done = True
                 break
