@@ -1,0 +1,282 @@
+"""Tests for chapter11.movement: scores and their sign, masks, STE, MaskedLinear, finalize."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from chapter11 import movement as mv
+
+
+def _history(T=3, shape=(3, 4), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(T)], [torch.randn(shape, generator=g) for _ in range(T)]
+
+
+# --- movement scores --------------------------------------------------------
+
+
+@pytest.mark.parametrize("T,shape", [(1, (5,)), (3, (3, 4)), (4, (2, 2, 3))])
+def test_movement_scores_loop_matches_vectorised(T, shape):
+    W, G = _history(T, shape)
+    assert torch.allclose(mv.movement_scores_loop(W, G), mv.movement_scores(W, G), atol=1e-5)
+
+
+def test_movement_scores_hand_computed():
+    W = [torch.tensor([2.0, -1.0]), torch.tensor([1.5, -1.5])]
+    G = [torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])]
+    # -(1*2 + 1*1.5) = -3.5 ; -(1*-1 + 1*-1.5) = 2.5
+    assert mv.movement_scores(W, G).tolist() == [-3.5, 2.5]
+
+
+def test_weight_moving_toward_zero_scores_lower_and_is_pruned():
+    ex = mv.sign_example(lr=0.1, steps=3)
+    w_final = ex["weights"][-1]
+    assert w_final[0] < 1.0 < w_final[1]  # w1 shrinks toward 0, w2 grows away
+    S = ex["sanh"]
+    assert S[0] < 0 < S[1]
+    assert torch.allclose(S, ex["chapter_update"])  # chapter's g = update direction: same scores
+    assert torch.allclose(ex["chapter_raw_gradient"], -S)  # raw gradient: flipped
+    assert mv.topk_mask(S, 0.5).tolist() == [0.0, 1.0]  # prunes the one moving toward zero
+    # hand value: weights 1, 0.95, 0.90 with gradient +0.5 -> -(0.5 * 2.85)
+    assert math.isclose(float(S[0]), -1.425, rel_tol=1e-6)
+
+
+def test_negative_weight_moving_toward_zero_also_scores_lower():
+    # w = -1 with dL/dw = -0.5: SGD adds 0.05, toward zero; w = -1 with dL/dw = +0.5 moves away
+    W = [torch.tensor([-1.0, -1.0])]
+    G = [torch.tensor([-0.5, 0.5])]
+    S = mv.movement_scores(W, G)
+    assert S[0] < S[1]
+
+
+def test_movement_scores_bad_input():
+    with pytest.raises(ValueError, match="one entry per step"):
+        mv.movement_scores([torch.ones(2)], [])
+    with pytest.raises(TypeError, match="sequences of tensors"):
+        mv.movement_scores(torch.ones(2), torch.ones(2))
+    with pytest.raises(ValueError, match="shape"):
+        mv.movement_scores([torch.ones(2)], [torch.ones(3)])
+
+
+# --- masks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.9, 0.97])
+def test_topk_mask_loop_matches_vectorised_and_torch_prune(sparsity):
+    scores = torch.randn(6, 7, generator=torch.Generator().manual_seed(1))
+    loop, fast = mv.topk_mask_loop(scores, sparsity), mv.topk_mask(scores, sparsity)
+    assert torch.equal(loop, fast)
+    assert int((fast == 0).sum()) == round(sparsity * scores.numel())
+    # trusted: l1_unstructured on positive scores prunes the same smallest entries
+    lin = nn.Linear(7, 6, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(scores.exp())
+    prune.l1_unstructured(lin, "weight", amount=sparsity)
+    assert torch.equal(lin.weight_mask, fast)
+
+
+def test_topk_mask_refuses_bad_sparsity():
+    with pytest.raises(ValueError, match="sparsity"):
+        mv.topk_mask(torch.ones(4), 1.0)
+    with pytest.raises(ValueError, match="sparsity"):
+        mv.topk_mask(torch.ones(4), float("nan"))
+
+
+def test_threshold_mask_loop_matches_vectorised():
+    scores = torch.randn(5, 9, generator=torch.Generator().manual_seed(2))
+    for tau in (0.1, 0.5, 0.9):
+        assert torch.equal(mv.threshold_mask_loop(scores, tau), mv.threshold_mask(scores, tau))
+    with pytest.raises(ValueError, match="threshold"):
+        mv.threshold_mask(scores, 1.5)
+
+
+def test_mixed_scores_loop_matches_vectorised_and_endpoints():
+    W, S = torch.randn(4, 5), torch.randn(4, 5)
+    for alpha in (0.0, 0.3, 1.0):
+        assert torch.allclose(mv.mixed_scores_loop(W, S, alpha), mv.mixed_scores(W, S, alpha), atol=1e-5)
+    # alpha = 1 ranks by |W| alone: same mask as magnitude
+    assert torch.equal(mv.topk_mask(mv.mixed_scores(W, S, 1.0), 0.5), mv.topk_mask(W.abs(), 0.5))
+    with pytest.raises(ValueError, match="alpha"):
+        mv.mixed_scores(W, S, 2.0)
+
+
+def test_soft_penalty_loop_matches_vectorised_and_has_gradient():
+    S = [torch.randn(3, 4, requires_grad=True), torch.randn(7, requires_grad=True)]
+    value = mv.soft_penalty(S)
+    assert math.isclose(mv.soft_penalty_loop(S), float(value.detach()), rel_tol=1e-5)
+    value.backward()
+    assert (S[0].grad > 0).all()  # the penalty always pushes scores down
+
+
+# --- straight-through estimator ---------------------------------------------
+
+
+def test_hard_ste_gradient_is_grad_of_effective_weight_times_weight():
+    torch.manual_seed(0)
+    layer = mv.MaskedLinear.from_linear(nn.Linear(5, 3), method="hard", sparsity=0.6)
+    with torch.no_grad():
+        layer.scores.copy_(torch.randn(3, 5))
+    x = torch.randn(8, 5)
+    y = layer(x).pow(2).sum()
+    y.backward()
+    # by hand: W' = W * M, dL/dW' = dL/dout^T x, dL/dS = dL/dW' * W (mask passes straight through)
+    M = mv.topk_mask(layer.scores, 0.6)
+    Wp = (layer.weight * M).detach().requires_grad_(True)
+    out = torch.nn.functional.linear(x, Wp, layer.bias.detach())
+    (grad_Wp,) = torch.autograd.grad(out.pow(2).sum(), Wp)
+    assert torch.allclose(layer.scores.grad, grad_Wp * layer.weight.detach(), atol=1e-5)
+    # pruned weights get no weight gradient but do get a score gradient (they can come back)
+    assert torch.all(layer.weight.grad[M == 0] == 0)
+    assert layer.scores.grad[M == 0].abs().sum() > 0
+
+
+def test_hard_scores_under_sgd_equal_accumulated_movement_scores():
+    """With sparsity 0 and SGD, S_T - S_0 = score_lr * (-sum_t dL/dW * W)."""
+    torch.manual_seed(0)
+    layer = mv.MaskedLinear.from_linear(nn.Linear(4, 3), method="hard", sparsity=0.0)
+    opt = torch.optim.SGD([{"params": [layer.weight, layer.bias], "lr": 0.05}, {"params": [layer.scores], "lr": 0.1}])
+    X, Y = torch.randn(16, 4), torch.randn(16, 3)
+    weights, grads = [], []
+    for t in range(5):
+        opt.zero_grad()
+        ((layer(X[t:t + 8]) - Y[t:t + 8]) ** 2).mean().backward()
+        weights.append(layer.weight.detach().clone())
+        grads.append(layer.weight.grad.detach().clone())
+        opt.step()
+    assert torch.allclose(layer.scores.detach(), 0.1 * mv.movement_scores(weights, grads), atol=1e-6)
+
+
+def test_soft_threshold_sparsity_and_penalty_lower_scores():
+    layer = mv.MaskedLinear.from_linear(nn.Linear(10, 10), method="soft", threshold=0.5)
+    with torch.no_grad():
+        layer.scores.copy_(torch.linspace(-1, 1, 100).reshape(10, 10) + 1e-3)
+    assert math.isclose(mv.masked_sparsity(nn.Sequential(layer)), 0.5)  # exactly the 50 negative scores
+    # only the penalty: scores fall, sparsity grows
+    opt = torch.optim.SGD([layer.scores], lr=50.0)
+    for _ in range(20):
+        opt.zero_grad()
+        mv.soft_penalty([layer.scores]).backward()
+        opt.step()
+    assert mv.masked_sparsity(nn.Sequential(layer)) > 0.5
+    # STE: mask gradient reaches the scores
+    layer.scores.grad = None
+    layer(torch.randn(3, 10)).sum().backward()
+    assert layer.scores.grad is not None and layer.scores.grad.abs().sum() > 0
+
+
+def test_magnitude_layer_matches_magnitude_module():
+    magnitude = pytest.importorskip("chapter11.magnitude")
+    lin = nn.Linear(8, 6)
+    layer = mv.MaskedLinear.from_linear(lin, method="magnitude", sparsity=0.75)
+    expected = magnitude.smallest_mask(lin.weight.abs(), round(0.75 * 48))
+    assert torch.equal(layer.mask(), expected)
+
+
+def test_masked_linear_bad_arguments():
+    with pytest.raises(ValueError, match="method"):
+        mv.MaskedLinear.from_linear(nn.Linear(2, 2), method="random")
+    with pytest.raises(TypeError, match="linear"):
+        mv.MaskedLinear.from_linear(nn.Conv1d(1, 1, 1))
+    with pytest.raises(ValueError, match="sparsity"):
+        mv.MaskedLinear.from_linear(nn.Linear(2, 2), sparsity=1.2)
+
+
+# --- whole models -------------------------------------------------------------
+
+
+def _tiny_bert(num_labels=3):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=num_labels)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def test_wrap_encoder_linears_of_a_bert():
+    model = _tiny_bert()
+    names = mv.wrap_linears(model, "hard", sparsity=0.5)
+    assert len(names) == 12  # 2 blocks x (q, k, v, attn out, ffn in, ffn out)
+    assert all(".encoder." in f".{n}." for n in names)
+    assert isinstance(model.classifier, nn.Linear) and isinstance(model.bert.pooler.dense, nn.Linear)
+    with pytest.raises(ValueError, match="unknown layer"):
+        mv.wrap_linears(_tiny_bert(), "hard", names=["bert.nope"])
+
+
+@pytest.mark.parametrize("method", mv.METHODS)
+def test_finalize_gives_same_logits_and_round_trips(method, tmp_path):
+    model = _tiny_bert()
+    mv.wrap_linears(model, method, sparsity=0.7)
+    for layer in mv.masked_layers(model).values():
+        if layer.scores is not None:
+            with torch.no_grad():
+                layer.scores.copy_(torch.randn_like(layer.scores))
+    ids = torch.randint(0, 50, (4, 10))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    achieved = mv.masked_sparsity(model)
+    if method != "soft":
+        assert abs(achieved - 0.7) < 1e-2
+    masks = mv.finalize(model)
+    assert not mv.masked_layers(model)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.allclose(before, after, atol=1e-6)
+    zeros = sum(int((model.get_parameter(n) == 0).sum()) for n in masks)
+    total = sum(m.numel() for m in masks.values())
+    assert abs(zeros / total - achieved) < 1e-9
+    from chapter11.report import atomic_torch_save
+
+    atomic_torch_save(model.state_dict(), tmp_path / "m.pt")
+    fresh = _tiny_bert()
+    fresh.load_state_dict(torch.load(tmp_path / "m.pt"))
+    with torch.no_grad():
+        assert torch.allclose(fresh(input_ids=ids).logits, before, atol=1e-6)
+
+
+def test_finalize_without_masked_layers_raises():
+    with pytest.raises(ValueError, match="no MaskedLinear"):
+        mv.finalize(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_masked_linear_on_a_minilm_layer():
+    models = pytest.importorskip("chapter11.models")
+    try:
+        model, _ = models.load_minilm(num_labels=2)
+    except Exception as exc:  # package not installed
+        pytest.skip(f"MiniLM not available: {exc}")
+    model.eval()
+    models_keep = mv.keep_encoder_layers(model, 1)
+    assert models_keep.config.num_hidden_layers == 1
+    ids = torch.randint(1000, 2000, (2, 8))
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    names = mv.wrap_linears(model, "magnitude", sparsity=0.0)
+    assert len(names) == 6
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, dense, atol=1e-5)  # sparsity 0 changes nothing
+    mv.set_sparsity(model, 0.9)
+    assert abs(mv.masked_sparsity(model) - 0.9) < 1e-3
+    query = model.bert.encoder.layer[0].attention.self.query
+    assert isinstance(query, mv.MaskedLinear) and tuple(query.weight.shape) == (384, 384)
+    kept = query.weight.abs()[query.mask() == 1].min()
+    dropped = query.weight.abs()[query.mask() == 0].max()
+    assert kept >= dropped  # magnitude: every kept weight at least as large as every pruned one
+
+
+def test_fine_prune_small_run_reaches_target():
+    pytest.importorskip("chapter11.schedules")
+    model = _tiny_bert(num_labels=2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (64, 8), generator=g)
+    y = (ids[:, 0] < 25).long()
+    ds = torch.utils.data.TensorDataset(ids, torch.ones_like(ids), y)
+    task = mv.DocstringTask(ds, ds, ["a", "b"], [32, 32], [32, 32])
+    mv.wrap_linears(model, "hard")
+    result = mv.fine_prune(model, task, "hard", 0.8, mv.FinePruneConfig(steps=12, batch_size=16), trace_every=4)
+    assert abs(result.sparsity - 0.8) < 1e-2
+    assert result.sparsity_trace == sorted(result.sparsity_trace)  # the cubic schedule only grows
+    with pytest.raises(ValueError, match="method"):
+        mv.fine_prune(model, task, "magnitude", 0.5)
