@@ -1,0 +1,31 @@
+"""The structured benchmark runs end to end at a tiny size and writes well-formed rows."""
+
+import json
+
+import pytest
+
+from chapter11.structured.channels import benchmark_main, structured_benchmark
+
+KEYS = {"model", "batch", "dense_s", "pruned_s", "measured_speedup", "predicted_speedup"}
+
+
+@pytest.mark.slow
+def test_benchmark_main_writes_json_rows(tmp_path, capsys):
+    path = tmp_path / "structured.json"
+    assert benchmark_main(["--json", str(path), "--batches", "1", "--repeats", "1", "--image-size", "32"]) == 0
+    rows = json.loads(path.read_text())
+    models = {r["model"] for r in rows}
+    assert {"smallcnn_50pct_channels", "resnet18_50pct_inner_channels"} <= models
+    for r in rows:
+        assert set(r) == KEYS and r["batch"] == 1
+        assert r["dense_s"] > 0 and r["pruned_s"] > 0
+        assert r["measured_speedup"] == pytest.approx(r["dense_s"] / r["pruned_s"])
+        assert r["predicted_speedup"] > 1.2  # half the channels (or heads) really are gone
+    assert "predicted" in capsys.readouterr().out
+
+
+def test_structured_benchmark_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="amount must be in"):
+        structured_benchmark(amount=1.0)
+    with pytest.raises(ValueError, match="batches must be positive"):
+        structured_benchmark(batches=[0])
