@@ -33,6 +33,15 @@ RECORD_ENV = "CH11_RECORD_PATH"
 _RECORDS: dict[str, dict] = {}
 
 
+def _file_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
     """Write `data` to `path` atomically (temp file + rename in the same folder)."""
     path = Path(path)
@@ -43,6 +52,7 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; keep the target's mode, else the umask default
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
