@@ -8,6 +8,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export CH11_PROGRESS ?= 0
+# Idle OpenMP threads sleep instead of spinning: same results, far less CPU on a shared machine.
+export OMP_WAIT_POLICY ?= PASSIVE
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900
 
 .PHONY: install run test unit nbval lab notebooks book bench clean
