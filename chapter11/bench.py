@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         from .csr import benchmark_main
     else:
         from .structured.channels import benchmark_main
-    return benchmark_main(rest) or 0
+    status = benchmark_main(rest)
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":
