@@ -710,18 +710,30 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.8, inplace: bool = False)
 # ------------------------------------------------------------------ benchmark
 
 
-def _medians(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each candidate, with the candidates interleaved round by round
-    (so a noisy neighbour slows all of them, not just one)."""
+def _medians(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, rounds: int = 3) -> dict[str, float]:
+    """Median seconds of each candidate, interleaved in short blocks, round by round.
+
+    Each round gives every candidate one untimed call, then a block of
+    consecutive timed calls; rounds rotate through the candidates, so a noisy
+    neighbour or drifting clock touches all of them alike. Blocks rather than
+    single calls, because numpy's, torch's and numba's thread pools keep
+    spinning for a while after a call: strictly alternating calls would time
+    each candidate fighting the previous one's idle threads.
+    """
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
-    times = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    names = list(candidates)
+    per_block = max(1, -(-repeats // rounds))  # ceil
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn = candidates[name]
+            fn()  # let this candidate's threads wake up; not timed
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
