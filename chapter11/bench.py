@@ -96,12 +96,19 @@ def compare(
     repeats: int = 20,
     warmup: int = 3,
     reference: str | None = None,
+    block: int = 1,
 ) -> dict:
     """Time every candidate interleaved (rotating order each round); medians and ratios.
 
     Returns {"median_s": {name: s}, "ratio": {name: median / reference median},
     "times": {name: [...]}}. `reference` defaults to the first candidate.
     A ratio above 1 means slower than the reference.
+
+    `block > 1` interleaves blocks instead of single calls: each round, every
+    candidate gets one untimed call and then `block` timed calls in a row.
+    Use it when candidates run on different thread pools (numpy, torch,
+    numba), which keep spinning for a while after a call and would otherwise
+    slow whichever candidate runs next.
     """
     names = list(candidates)
     if not names:
@@ -113,14 +120,19 @@ def compare(
         for n in names:
             candidates[n]()
     _sync()
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
+    for r in range(-(-repeats // block)):  # ceil: every candidate gets at least `repeats` timed calls
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
-            t0 = time.perf_counter()
-            candidates[n]()
-            _sync()
-            times[n].append(time.perf_counter() - t0)
+            if block > 1:
+                candidates[n]()  # wake this candidate's threads; not timed
+            for _ in range(block):
+                t0 = time.perf_counter()
+                candidates[n]()
+                _sync()
+                times[n].append(time.perf_counter() - t0)
     med = {n: statistics.median(ts) for n, ts in times.items()}
     return {"median_s": med, "ratio": {n: med[n] / med[reference] for n in names}, "times": times}
 

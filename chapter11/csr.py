@@ -44,9 +44,7 @@ import io
 import json
 import math
 import os
-import statistics
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -57,6 +55,7 @@ import torch
 from numba import njit, prange
 from torch import nn
 
+from chapter11.bench import compare, machine_info
 from chapter11.report import atomic_write_bytes, atomic_write_text
 from chapter11.sparsity import check_sparsity
 
@@ -710,33 +709,6 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.8, inplace: bool = False)
 # ------------------------------------------------------------------ benchmark
 
 
-def _medians(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, rounds: int = 3) -> dict[str, float]:
-    """Median seconds of each candidate, interleaved in short blocks, round by round.
-
-    Each round gives every candidate one untimed call, then a block of
-    consecutive timed calls; rounds rotate through the candidates, so a noisy
-    neighbour or drifting clock touches all of them alike. Blocks rather than
-    single calls, because numpy's, torch's and numba's thread pools keep
-    spinning for a while after a call: strictly alternating calls would time
-    each candidate fighting the previous one's idle threads.
-    """
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
-    names = list(candidates)
-    per_block = max(1, -(-repeats // rounds))  # ceil
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            fn = candidates[name]
-            fn()  # let this candidate's threads wake up; not timed
-            for _ in range(per_block):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def _random_pruned(size: int, sparsity: float, rng: np.random.Generator) -> np.ndarray:
     """A (size, size) float32 matrix with exactly round(sparsity * size^2) zeros at random places."""
     W = rng.standard_normal((size, size), dtype=np.float32)  # (size, size)
@@ -816,7 +788,9 @@ def benchmark(
                     err = float(np.max(np.abs(got - want) / scale))
                     if not err < 1e-5:
                         raise AssertionError(f"{name} disagrees with dense at sparsity {s}, batch {batch}: relative error {err:.2e}")
-                med = _medians(candidates, repeats=repeats)
+                # blocks of consecutive calls, rotated round by round: numpy's, torch's and numba's
+                # thread pools keep spinning after a call and would slow the next candidate
+                med = compare(candidates, repeats=repeats, warmup=1, block=-(-repeats // 3))["median_s"]
                 best_dense = min(med["numpy_dense"], med["torch_dense"])
                 dense_name = "numpy" if med["numpy_dense"] <= med["torch_dense"] else "torch"
                 for impl, key in (("dense", None), ("chapter11", "chapter11"), ("scipy", "scipy"), ("torch_sparse", "torch_sparse")):
@@ -881,18 +855,7 @@ def plot_benchmark(rows: list[dict], path=None):
     return fig
 
 
-def _machine() -> dict:
-    try:
-        from chapter11.bench import machine_info  # the lead's harness, when present
-
-        return machine_info()
-    except Exception:
-        import platform
-
-        return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "numba": numba.__version__}
-
-
-def benchmark_main(argv=None) -> list[dict]:
+def benchmark_main(argv=None) -> int:
     """`python -m chapter11.bench sparse [--quick] [--json PATH] [--plot PATH]`."""
     parser = argparse.ArgumentParser(prog="python -m chapter11.bench sparse", description="CSR kernels against dense, scipy and torch.sparse_csr")
     parser.add_argument("--quick", action="store_true", help="2048x2048 and 5 repeats instead of 4096x4096 and 15")
@@ -906,7 +869,7 @@ def benchmark_main(argv=None) -> list[dict]:
     repeats = args.repeats or (5 if args.quick else 15)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print("machine:", json.dumps(_machine()), flush=True)
+    print("machine:", json.dumps(machine_info()), flush=True)
     print(f"weight {size}x{size} float32, {repeats} interleaved repeats, numba threads {args.threads or numba.get_num_threads()}, torch threads {torch.get_num_threads()}", flush=True)
     rows = benchmark(size=size, repeats=repeats, num_threads=args.threads)
     for batch in sorted({r["batch"] for r in rows}):

@@ -150,6 +150,12 @@ def test_bench_harness_medians_and_ratios():
     assert time_callable(lambda: None, repeats=3, warmup=0)["median_s"] >= 0
     result = compare({"a": lambda: sum(range(1000)), "b": lambda: sum(range(100))}, repeats=5, warmup=1)
     assert result["ratio"]["a"] == 1.0 and set(result["median_s"]) == {"a", "b"}
+    calls = []
+    blocked = compare({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=5, warmup=0, block=3)
+    assert all(len(t) == 6 for t in blocked["times"].values())  # ceil(5 / 3) = 2 rounds of 3 timed calls
+    assert calls == ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4  # one untimed call per block, order rotates
+    with pytest.raises(ValueError, match="block"):
+        compare({"a": lambda: None}, block=0)
 
 
 def test_cli_lists_experiments():
