@@ -10,6 +10,9 @@ STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export CH11_PROGRESS ?= 0
 # Idle OpenMP threads sleep instead of spinning: same results, far less CPU on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
+# The same for numpy's OpenBLAS, whose idle threads otherwise poll for ~0.1 s
+# and stall the next library's threads (chapter11/bench.py, QUIET_POOLS).
+export OPENBLAS_THREAD_TIMEOUT ?= 4
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900
 
 .PHONY: install run test unit nbval lab notebooks book bench clean

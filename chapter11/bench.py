@@ -61,6 +61,9 @@ def machine_info() -> dict[str, str | int]:
         except ImportError:
             info[name] = "not installed"
     info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    # thread-pool settings change timings (see QUIET_POOLS), so they are part of the record
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT", "OMP_NUM_THREADS") if k in os.environ]
+    info["thread_env"] = " ".join(env) or "defaults"
     return info
 
 
@@ -97,6 +100,7 @@ def compare(
     warmup: int = 3,
     reference: str | None = None,
     block: int = 1,
+    settle_s: float = 0.0,
 ) -> dict:
     """Time every candidate interleaved (rotating order each round); medians and ratios.
 
@@ -126,6 +130,8 @@ def compare(
     for r in range(-(-repeats // block)):  # ceil: every candidate gets at least `repeats` timed calls
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
+            if settle_s > 0:
+                time.sleep(settle_s)
             if block > 1:
                 candidates[n]()  # wake this candidate's threads; not timed
             for _ in range(block):
@@ -244,5 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     return status if isinstance(status, int) else 0
 
 
+# Idle thread pools should sleep, not spin, while the next candidate runs.
+# OpenBLAS (numpy's BLAS) keeps its idle threads polling for about 0.1 s after
+# each call; on two cores that stalled the threads of whichever candidate came
+# next by a scheduler slice (4-8 ms per call, against 0.1-2 ms of work). With a
+# short timeout its threads sleep at once; numpy's own dense times did not
+# change (notebook 08). OpenBLAS reads the setting once, when numpy loads, so
+# the command line restarts itself with it, unless you set it yourself.
+QUIET_POOLS = {"OPENBLAS_THREAD_TIMEOUT": "4"}
+
+
 if __name__ == "__main__":
+    missing = {k: v for k, v in QUIET_POOLS.items() if k not in os.environ}
+    if missing:
+        os.execve(sys.executable, [sys.executable, "-m", "chapter11.bench", *sys.argv[1:]], {**os.environ, **missing})
     sys.exit(main())

@@ -21,7 +21,10 @@ Why a sparse kernel can only win by so much: a matrix-vector product reads
 every stored byte of the weight once and does one multiply-add per value, so
 on a CPU it is limited by memory traffic. Dense float32 reads 4 bytes per
 weight; CSR with int32 indices reads 8 bytes per *kept* weight. At sparsity s
-the best possible speedup is 4 / (8 (1 - s)) = 5x at 90% (`traffic_limit`).
+the best possible speedup is 4 / (8 (1 - s)) = 5x at 90% (`traffic_limit`);
+int16 indices (6 bytes per kept weight) raise it to 6.7x. A CSR weight small
+enough to stay in the CPU's last-level cache between calls, while the dense
+one is not, can beat that limit in a benchmark that repeats one product.
 
     >>> W = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 3.0]])
     >>> A = to_csr(W)
@@ -45,6 +48,7 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -73,6 +77,11 @@ __all__ = [
     "csr_matvec",
     "csr_matmul_loop",
     "csr_matmul",
+    "matvec_variants",
+    "matmul_variants",
+    "NUMBA_MIN_BATCH",
+    "PARALLEL_MIN_WORK",
+    "FIXED_WIDTH",
     "SparseLinear",
     "sparsify",
     "benchmark",
@@ -146,7 +155,7 @@ class CSR:
         torch hands int32-indexed CSR products on the CPU to MKL's sparse BLAS
         (vectorised and threaded); int64 indices, what `W.to_sparse_csr()`
         gives, take a slower generic path. That index width alone was worth
-        about 3x at 90% sparsity on a 2-core machine (notebook 08).
+        2-3x at 90% sparsity on a 2-core machine (notebook 08).
         """
         cached = self.__dict__.get("_mkl")
         if cached is None:
@@ -436,70 +445,101 @@ def csr_matmul_loop(csr: CSR, X):
     return _back(Y, is_torch)
 
 
-# Compiled kernels. fastmath stays off, so every add happens as written; four
-# partial sums per row break the add-latency chain (the loop still reads the
-# values and indices once, in order, which is what memory bandwidth pays for).
-# Each kernel comes serial and parallel (rows split across threads): a
-# parallel launch costs microseconds on an idle machine but can cost
-# milliseconds when other processes hold the cores (see notebook 08).
-@njit(inline="always", fastmath=False, boundscheck=False)
+# Compiled kernels. Two details decide their speed (notebook 08 measures both):
+# - indices are read as unsigned (np.uint64(...)): numba treats a signed index
+#   as possibly negative and adds a wrap-around test to every access, which
+#   halved the speed of the row loop here;
+# - fastmath reassoc + contract: the compiler may reorder a row's sum into SIMD
+#   lanes (AVX2 gathers, fused multiply-add). The result then differs from the
+#   left-to-right loop by rounding only (tests compare with a tolerance).
+# Each kernel comes serial and parallel (rows split across threads).
+_FAST = {"reassoc", "contract"}
+
+
+@njit(inline="always", fastmath=_FAST, boundscheck=False)
 def _row_dot(data, indices, x, start, end):  # pragma: no cover - compiled
-    a0 = x.dtype.type(0)
-    a1 = x.dtype.type(0)
-    a2 = x.dtype.type(0)
-    a3 = x.dtype.type(0)
-    k = start
-    while k + 4 <= end:
-        a0 += data[k] * x[indices[k]]
-        a1 += data[k + 1] * x[indices[k + 1]]
-        a2 += data[k + 2] * x[indices[k + 2]]
-        a3 += data[k + 3] * x[indices[k + 3]]
-        k += 4
-    while k < end:
-        a0 += data[k] * x[indices[k]]
-        k += 1
-    return (a0 + a1) + (a2 + a3)
+    total = x.dtype.type(0)
+    for k in range(np.uint64(start), np.uint64(end)):
+        total += data[k] * x[np.uint64(indices[k])]
+    return total
 
 
-@njit(inline="always", fastmath=False, boundscheck=False)
-def _row_times_batch(data, indices, X, start, end, out_row):  # pragma: no cover - compiled
+@njit(inline="always", fastmath=_FAST, boundscheck=False)
+def _row_times_batch(data, indices, X, start, end, out_row, width):  # pragma: no cover - compiled
     # X (cols, batch) and out_row (batch,) are row-major: the batch is the
-    # contiguous axis, so each stored value updates `batch` neighbours (SIMD).
-    for b in range(out_row.shape[0]):
+    # contiguous axis, so each stored value updates `width` neighbours (SIMD).
+    # Four stored values per pass over out_row: a quarter of the loads and
+    # stores of out_row, and of the loop set-up, of one value per pass.
+    for b in range(width):
         out_row[b] = 0
-    for k in range(start, end):
+    k = np.uint64(start)
+    end = np.uint64(end)
+    one = np.uint64(1)
+    while k + np.uint64(4) <= end:
+        v0, v1, v2, v3 = data[k], data[k + one], data[k + 2 * one], data[k + 3 * one]
+        r0 = X[np.uint64(indices[k])]
+        r1 = X[np.uint64(indices[k + one])]
+        r2 = X[np.uint64(indices[k + 2 * one])]
+        r3 = X[np.uint64(indices[k + 3 * one])]
+        for b in range(width):
+            out_row[b] += (v0 * r0[b] + v1 * r1[b]) + (v2 * r2[b] + v3 * r3[b])
+        k += np.uint64(4)
+    while k < end:
         v = data[k]
-        row = X[indices[k]]
-        for b in range(out_row.shape[0]):
+        row = X[np.uint64(indices[k])]
+        for b in range(width):
             out_row[b] += v * row[b]
+        k += one
 
 
-@njit(parallel=True, fastmath=False, boundscheck=False, cache=True, nogil=True)
+@njit(parallel=True, fastmath=_FAST, boundscheck=False, cache=True, nogil=True)
 def _matvec_kernel(data, indices, indptr, x, out):  # pragma: no cover - compiled
     for i in prange(out.shape[0]):
         out[i] = _row_dot(data, indices, x, indptr[i], indptr[i + 1])
 
 
-@njit(fastmath=False, boundscheck=False, cache=True, nogil=True)
+@njit(fastmath=_FAST, boundscheck=False, cache=True, nogil=True)
 def _matvec_serial(data, indices, indptr, x, out):  # pragma: no cover - compiled
     for i in range(out.shape[0]):
         out[i] = _row_dot(data, indices, x, indptr[i], indptr[i + 1])
 
 
-@njit(parallel=True, fastmath=False, boundscheck=False, cache=True, nogil=True)
+@njit(parallel=True, fastmath=_FAST, boundscheck=False, cache=True, nogil=True)
 def _matmul_kernel(data, indices, indptr, X, out):  # pragma: no cover - compiled
     for i in prange(out.shape[0]):
-        _row_times_batch(data, indices, X, indptr[i], indptr[i + 1], out[i])
+        _row_times_batch(data, indices, X, indptr[i], indptr[i + 1], out[i], out.shape[1])
 
 
-@njit(fastmath=False, boundscheck=False, cache=True, nogil=True)
+@njit(fastmath=_FAST, boundscheck=False, cache=True, nogil=True)
 def _matmul_serial(data, indices, indptr, X, out):  # pragma: no cover - compiled
     for i in range(out.shape[0]):
-        _row_times_batch(data, indices, X, indptr[i], indptr[i + 1], out[i])
+        _row_times_batch(data, indices, X, indptr[i], indptr[i + 1], out[i], out.shape[1])
 
 
-# Below this many multiply-adds one thread wins even on an idle machine.
-PARALLEL_MIN_WORK = 200_000
+# The same product with the batch width fixed at compile time. For a width the
+# compiler knows, the loop over the batch unrolls into straight SIMD code with
+# no run-time checks; at 32 columns that beat the general kernel by 1.1-1.5x
+# and MKL by up to 1.4x here (notebook 08). Only 32 gets a copy: narrower
+# batches went faster through MKL, and from 64 columns the general loop did best.
+FIXED_WIDTH = 32
+
+
+@njit(parallel=True, fastmath=_FAST, boundscheck=False, cache=True, nogil=True)
+def _matmul_fixed_kernel(data, indices, indptr, X, out):  # pragma: no cover - compiled
+    for i in prange(out.shape[0]):
+        _row_times_batch(data, indices, X, indptr[i], indptr[i + 1], out[i], FIXED_WIDTH)
+
+
+@njit(fastmath=_FAST, boundscheck=False, cache=True, nogil=True)
+def _matmul_fixed_serial(data, indices, indptr, X, out):  # pragma: no cover - compiled
+    for i in range(out.shape[0]):
+        _row_times_batch(data, indices, X, indptr[i], indptr[i + 1], out[i], FIXED_WIDTH)
+
+
+# Below this many multiply-adds the kernels stay on one thread: a parallel launch
+# costs microseconds on an idle machine, but a whole scheduler slice (about 4 ms)
+# when another thread holds the second core, and a small product cannot earn that back.
+PARALLEL_MIN_WORK = 50_000
 
 
 def _use_threads(num_threads, work: int) -> bool:
@@ -534,27 +574,38 @@ class _threads:
 
 BACKENDS = ("auto", "mkl", "numba")
 
+# "auto" sends a batch of fewer columns than this to MKL and the rest to our
+# kernel. Measured on 4096x4096 at 80-99% sparsity (2-core AMD EPYC): MKL won
+# by up to 2x at batch 2-16; ours won at 32 (the fixed-width kernel) and by
+# 1.2-1.8x from 64 (the general one).
+NUMBA_MIN_BATCH = 32
 
-def _backend(backend: str, out, num_threads) -> str:
-    """'mkl' (torch's int32 CSR path) when asked or when auto and available, else 'numba'."""
+
+def _backend(backend: str, out, num_threads, batch: int) -> str:
+    """Which compiled path runs the product: "numba" (ours) or "mkl" (torch's int32 CSR)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     mkl = torch.backends.mkl.is_available()
-    if backend == "mkl" and not mkl:
-        raise ValueError("backend='mkl' needs a torch build with MKL; use backend='numba'")
-    # `out=` and an explicit thread count are numba-kernel features
-    return "mkl" if backend == "mkl" or (backend == "auto" and mkl and out is None and num_threads is None) else "numba"
+    if backend == "mkl":
+        if not mkl:
+            raise ValueError("backend='mkl' needs a torch build with MKL; use backend='numba'")
+        return "mkl"
+    if backend == "numba" or not mkl or out is not None or num_threads is not None:
+        return "numba"  # `out=` and a thread count are features of our kernel
+    # auto: our gather kernel beat MKL's matrix-vector product by 1.2-1.4x at
+    # 80-95% sparsity (MKL won at 99%, where one product takes 0.1 ms)
+    return "numba" if batch == 1 or batch >= NUMBA_MIN_BATCH else "mkl"
 
 
 def csr_matvec(csr: CSR, x, out=None, num_threads: int | None = None, backend: str = "auto"):
     """y = W x with the compiled kernel; agrees with `csr_matvec_loop`.
 
-    Two compiled paths, picked by `backend`: "mkl" hands the product to
-    torch's int32-indexed CSR (MKL sparse BLAS, the fastest on x86 CPUs);
-    "numba" runs our own kernel, rows split across `num_threads` threads when
-    the matrix holds at least `PARALLEL_MIN_WORK` values (`num_threads=1`:
-    serial). "auto" takes MKL when torch has it and neither `out` nor
-    `num_threads` is given.
+    Two compiled paths, picked by `backend`: "numba" runs our own kernel, rows
+    split across `num_threads` threads when the matrix holds at least
+    `PARALLEL_MIN_WORK` values (`num_threads=1`: serial); "mkl" hands the
+    product to torch's int32-indexed CSR (MKL sparse BLAS). "auto" (default)
+    is our kernel: it beat MKL's matrix-vector product at 80-95% sparsity
+    (notebook 08).
 
     Takes and returns numpy arrays or torch tensors (the same kind as `x`).
     float16 values are multiplied in float32.
@@ -569,7 +620,7 @@ def csr_matvec(csr: CSR, x, out=None, num_threads: int | None = None, backend: s
     x = np.ascontiguousarray(x, dtype=dtype)
     if out is not None and not (isinstance(out, np.ndarray) and out.shape == (csr.shape[0],) and out.dtype == dtype and out.flags.c_contiguous):
         raise ValueError(f"out must be a contiguous {dtype} numpy array of shape ({csr.shape[0]},)")
-    if _backend(backend, out, num_threads) == "mkl":
+    if _backend(backend, out, num_threads, batch=1) == "mkl":
         y = (csr.mkl_tensor() @ torch.from_numpy(x)).numpy()  # (rows,)
         return _back(y, is_torch)
     if out is None:
@@ -585,6 +636,9 @@ def csr_matmul(csr: CSR, X, out=None, num_threads: int | None = None, backend: s
 
     Keep the batch on the last (contiguous) axis: that is what lets each
     stored weight update a whole row of `batch` outputs with SIMD.
+    `backend` as in `csr_matvec`, except that "auto" picks MKL (when torch
+    has it and neither `out` nor `num_threads` is given) for batches narrower
+    than `NUMBA_MIN_BATCH`: there MKL's product beat ours (notebook 08).
 
     >>> A = to_csr(torch.tensor([[1.0, 0.0, 2.0]]))
     >>> csr_matmul(A, torch.tensor([[1.0, 0.0], [5.0, 5.0], [1.0, 1.0]])).tolist()
@@ -597,15 +651,94 @@ def csr_matmul(csr: CSR, X, out=None, num_threads: int | None = None, backend: s
     shape = (csr.shape[0], X.shape[1])
     if out is not None and not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype and out.flags.c_contiguous):
         raise ValueError(f"out must be a contiguous {dtype} numpy array of shape {shape}")
-    if _backend(backend, out, num_threads) == "mkl":
+    if _backend(backend, out, num_threads, batch=X.shape[1]) == "mkl":
         Y = (csr.mkl_tensor() @ torch.from_numpy(X)).numpy()  # (rows, batch)
         return _back(Y, is_torch)
     if out is None:
         out = np.empty(shape, dtype=dtype)  # (rows, batch)
-    kernel = _matmul_kernel if _use_threads(num_threads, csr.nnz * X.shape[1]) else _matmul_serial
+    threads = _use_threads(num_threads, csr.nnz * X.shape[1])
+    if X.shape[1] == FIXED_WIDTH:
+        kernel = _matmul_fixed_kernel if threads else _matmul_fixed_serial
+    else:
+        kernel = _matmul_kernel if threads else _matmul_serial
     with _threads(num_threads):
         kernel(_values(csr, dtype), csr.indices, csr.indptr, X, out)
     return _back(out, is_torch)
+
+
+# ------------------------------------------- what each kernel detail buys
+
+# Two earlier versions of the serial row loop, kept to be timed against ours.
+@njit(boundscheck=False, cache=True, nogil=True)
+def _matvec_signed_in_order(data, indices, indptr, x, out):  # pragma: no cover - compiled
+    for i in range(out.shape[0]):
+        total = x.dtype.type(0)
+        for k in range(indptr[i], indptr[i + 1]):
+            total += data[k] * x[indices[k]]  # signed index: numba adds a negative-index test
+        out[i] = total
+
+
+@njit(inline="always", boundscheck=False)
+def _row_dot_in_order(data, indices, x, start, end):  # pragma: no cover - compiled
+    total = x.dtype.type(0)
+    for k in range(np.uint64(start), np.uint64(end)):
+        total += data[k] * x[np.uint64(indices[k])]  # no fastmath: adds in order, one at a time
+    return total
+
+
+@njit(boundscheck=False, cache=True, nogil=True)
+def _matvec_unsigned_in_order(data, indices, indptr, x, out):  # pragma: no cover - compiled
+    for i in range(out.shape[0]):
+        out[i] = _row_dot_in_order(data, indices, x, indptr[i], indptr[i + 1])
+
+
+def _run_serial(kernel, csr: CSR, x, batched: bool = False) -> np.ndarray:
+    csr = _check_csr(csr)
+    x, _ = _as_operand(x, csr, 2 if batched else 1, "X" if batched else "x")
+    dtype = _compute_dtype(csr)
+    x = np.ascontiguousarray(x, dtype=dtype)
+    out = np.empty((csr.shape[0], x.shape[1]) if batched else csr.shape[0], dtype=dtype)
+    kernel(_values(csr, dtype), csr.indices, csr.indptr, x, out)
+    return out
+
+
+def matvec_variants() -> dict[str, Callable]:
+    """Three compiled versions of the same one-thread row loop, to time side by side.
+
+    Each maps (csr, x) to y (numpy). They differ in one detail at a time:
+    "signed index" (numba guards every x[indices[k]] against a negative
+    index), "unsigned index" (no guard; the sum still runs in order) and
+    "unsigned, reordered" (ours: fastmath reassoc lets the compiler split the
+    sum across SIMD lanes with gathers). Notebook 08 times them.
+
+    >>> A = to_csr(torch.tensor([[1.0, 0.0, 2.0]]))
+    >>> [f(A, np.ones(3, np.float32)).tolist() for f in matvec_variants().values()]
+    [[3.0], [3.0], [3.0]]
+    """
+    return {
+        "signed index": lambda csr, x: _run_serial(_matvec_signed_in_order, csr, x),
+        "unsigned index": lambda csr, x: _run_serial(_matvec_unsigned_in_order, csr, x),
+        "unsigned, reordered": lambda csr, x: _run_serial(_matvec_serial, csr, x),
+    }
+
+
+def matmul_variants() -> dict[str, Callable]:
+    """Our one-thread batch kernel with the width known at run time, and fixed at 32.
+
+    Each maps (csr, X) to Y (numpy); "fixed width" needs exactly
+    `FIXED_WIDTH` columns in X.
+
+    >>> A = to_csr(torch.tensor([[1.0, 0.0, 2.0]]))
+    >>> [f(A, np.ones((3, 32), np.float32))[0, :2].tolist() for f in matmul_variants().values()]
+    [[3.0, 3.0], [3.0, 3.0]]
+    """
+
+    def fixed(csr, X):
+        if np.shape(X)[-1] != FIXED_WIDTH:
+            raise ValueError(f"X must have {FIXED_WIDTH} columns for the fixed-width kernel, got shape {tuple(np.shape(X))}")
+        return _run_serial(_matmul_fixed_serial, csr, X, batched=True)
+
+    return {"general width": lambda csr, X: _run_serial(_matmul_serial, csr, X, batched=True), "fixed width": fixed}
 
 
 # ----------------------------------------------------------- modules in a model
@@ -625,7 +758,7 @@ class SparseLinear(nn.Module):
     [[1.0, 2.0]]
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, index_dtype="int32"):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, index_dtype=None):
         super().__init__()
         csr = to_csr(weight.detach().float(), index_dtype=index_dtype)
         self.out_features, self.in_features = csr.shape
@@ -640,7 +773,7 @@ class SparseLinear(nn.Module):
             self.bias = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, index_dtype="int32") -> "SparseLinear":
+    def from_linear(cls, linear: nn.Linear, index_dtype=None) -> "SparseLinear":
         """Build from an `nn.Linear`, applying its `weight_mask` if it has one."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -676,10 +809,10 @@ class SparseLinear(nn.Module):
 def sparsify(model: nn.Module, min_sparsity: float = 0.8, inplace: bool = False) -> nn.Module:
     """Swap every `nn.Linear` whose weight is at least `min_sparsity` zeros for a `SparseLinear`.
 
-    The default 0.8 is where CSR's byte count drops to 40% of dense (traffic
-    limit 2.5x) and where CSR kernels began to beat dense in our runs
-    (notebook 08 measures the crossover on your machine); below it the dense
-    layer stays. Returns a copy unless `inplace`.
+    The default 0.8 is where CSR with int16 indices drops to 30% of the dense
+    bytes (traffic limit 3.3x) and where our kernels beat dense at batch 1 and
+    batch 32 on two cores (notebook 08 measures the crossover on your
+    machine); below it the dense layer stays. Returns a copy unless `inplace`.
 
     >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     >>> with torch.no_grad():
@@ -728,14 +861,20 @@ def benchmark(
     seed: int = 0,
     num_threads: int | None = None,
     verbose: bool = True,
+    min_time_s: float = 1.0,
 ) -> list[dict]:
     """Time dense, our CSR kernel, scipy and torch.sparse_csr in one process; return rows.
 
-    For every (sparsity, batch): check all four against dense, then time them
-    interleaved and keep the medians. Dense is the faster of numpy and torch in
-    this run. Each row is {"impl", "sparsity", "batch", "median_s",
+    For every (sparsity, batch): check all candidates against dense, then time
+    them interleaved and keep the medians. Dense is the faster of numpy and
+    torch in this run. Each row is {"impl", "sparsity", "batch", "median_s",
     "speedup_vs_dense", "traffic_limit"}; the traffic limit is dense bytes over
-    our CSR bytes (float32 values, int32 indices, as in scipy and our kernel).
+    our CSR bytes (float32 values, the narrowest index type: int16 for 4096
+    columns). The printed line also shows the backend that auto passed over.
+
+    Every candidate gets at least `repeats` timed calls; fast configurations
+    get more (up to 5x), so that each is timed for about `min_time_s` and
+    its medians are not decided by a few noisy calls.
     """
     import scipy.sparse as sp
 
@@ -747,13 +886,16 @@ def benchmark(
             raise ValueError(f"batches must hold positive ints, got {b!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    if not min_time_s >= 0:
+        raise ValueError(f"min_time_s must be >= 0, got {min_time_s!r}")
     rng = np.random.default_rng(seed)
+    mkl = torch.backends.mkl.is_available()
     rows = []
     with _threads(num_threads):
         for s in sparsities:
             W = _random_pruned(size, s, rng)  # (size, size)
             Wt = torch.from_numpy(W)
-            ours = to_csr(W, index_dtype="int32")
+            ours = to_csr(W)
             dense_bytes = W.nbytes
             limit = dense_bytes / ours.nbytes
             scipy_A = sp.csr_array(W)  # scipy picks its own index type (int32 here)
@@ -768,29 +910,33 @@ def benchmark(
                 if batch == 1:
                     x = x[:, 0].copy()  # (size,)
                 xt = torch.from_numpy(x)
-                out = np.empty((size,) if batch == 1 else (size, batch), dtype=np.float32)
                 kernel = csr_matvec if batch == 1 else csr_matmul
                 candidates = {
                     "numpy_dense": lambda: W @ x,
                     "torch_dense": lambda: torch.mv(Wt, xt) if batch == 1 else torch.mm(Wt, xt),
-                    "chapter11": lambda: kernel(ours, x),  # auto: MKL through int32 indices when torch has it
-                    # our own compiled loop, on one thread: a parallel numba pool keeps spinning after each
-                    # call and would slow whichever candidate runs next in this interleaved timing
-                    "numba": lambda: kernel(ours, x, out=out, num_threads=1, backend="numba"),
+                    "chapter11": lambda: kernel(ours, x),  # backend="auto"
                     "scipy": lambda: scipy_A @ x,
                     "torch_sparse": lambda: (torch_A @ xt),
                 }
-                # correctness first: every candidate against float64 dense
+                if mkl:  # the backend that "auto" passed over, for comparison
+                    other = "mkl" if _backend("auto", None, None, batch) == "numba" else "numba"
+                    candidates[other] = lambda other=other: kernel(ours, x, backend=other)
+                # correctness first: every candidate against float64 dense (each call also timed once)
                 want = W.astype(np.float64) @ x.astype(np.float64)
                 scale = np.abs(W).astype(np.float64) @ np.abs(x).astype(np.float64) + 1e-30
+                round_s = 0.0
                 for name, fn in candidates.items():
-                    got = np.asarray(fn().numpy() if name.startswith("torch") else fn(), dtype=np.float64)
+                    t0 = time.perf_counter()
+                    got = fn()
+                    round_s += time.perf_counter() - t0
+                    got = np.asarray(got.numpy() if name.startswith("torch") else got, dtype=np.float64)
                     err = float(np.max(np.abs(got - want) / scale))
                     if not err < 1e-5:
                         raise AssertionError(f"{name} disagrees with dense at sparsity {s}, batch {batch}: relative error {err:.2e}")
-                # blocks of consecutive calls, rotated round by round: numpy's, torch's and numba's
-                # thread pools keep spinning after a call and would slow the next candidate
-                med = compare(candidates, repeats=repeats, warmup=1, block=-(-repeats // 3))["median_s"]
+                reps = max(repeats, min(5 * repeats, math.ceil(min_time_s / max(round_s, 1e-9))))
+                # blocks of consecutive calls, rotated round by round: thread pools keep spinning
+                # for a while after a call and would slow the next candidate
+                med = compare(candidates, repeats=reps, warmup=1, block=min(10, -(-reps // 3)))["median_s"]
                 best_dense = min(med["numpy_dense"], med["torch_dense"])
                 dense_name = "numpy" if med["numpy_dense"] <= med["torch_dense"] else "torch"
                 for impl, key in (("dense", None), ("chapter11", "chapter11"), ("scipy", "scipy"), ("torch_sparse", "torch_sparse")):
@@ -799,7 +945,7 @@ def benchmark(
                         {"impl": impl, "sparsity": s, "batch": batch, "median_s": t, "speedup_vs_dense": best_dense / t, "traffic_limit": limit}
                     )
                 if verbose:
-                    line = "  ".join(f"{k} {best_dense / med[k]:5.2f}x" for k in ("chapter11", "numba", "scipy", "torch_sparse"))
+                    line = "  ".join(f"{k} {best_dense / med[k]:5.2f}x" for k in candidates if not k.endswith("_dense"))
                     print(f"s={s:<5} batch={batch:<3} dense({dense_name}) {best_dense * 1e3:8.2f} ms  {line}  limit {limit:5.2f}x", flush=True)
     return rows
 
@@ -862,6 +1008,7 @@ def benchmark_main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=None, help="rows = cols of the weight (default 4096, quick 2048)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per candidate (default 15, quick 5)")
     parser.add_argument("--threads", type=int, default=None, help="threads for numba and torch (default: numba's)")
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per configuration, at most 5x the repeats (default 1)")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON here")
     parser.add_argument("--plot", metavar="PATH", default="build/bench_sparse.png", help="save the plot here (default build/bench_sparse.png)")
     args = parser.parse_args(argv)
@@ -870,8 +1017,8 @@ def benchmark_main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print("machine:", json.dumps(machine_info()), flush=True)
-    print(f"weight {size}x{size} float32, {repeats} interleaved repeats, numba threads {args.threads or numba.get_num_threads()}, torch threads {torch.get_num_threads()}", flush=True)
-    rows = benchmark(size=size, repeats=repeats, num_threads=args.threads)
+    print(f"weight {size}x{size} float32, at least {repeats} interleaved repeats, numba threads {args.threads or numba.get_num_threads()}, torch threads {torch.get_num_threads()}", flush=True)
+    rows = benchmark(size=size, repeats=repeats, num_threads=args.threads, min_time_s=args.min_time)
     for batch in sorted({r["batch"] for r in rows}):
         cross = crossover_sparsity(rows, "chapter11", batch)
         where = "never (not at any measured sparsity)" if cross is None else f"{cross:.2f}"
