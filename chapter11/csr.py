@@ -519,8 +519,9 @@ def _matmul_serial(data, indices, indptr, X, out):  # pragma: no cover - compile
 # The same product with the batch width fixed at compile time. For a width the
 # compiler knows, the loop over the batch unrolls into straight SIMD code with
 # no run-time checks; at 32 columns that beat the general kernel by 1.1-1.5x
-# and MKL by up to 1.4x here (notebook 08). Only 32 gets a copy: narrower
-# batches went faster through MKL, and from 64 columns the general loop did best.
+# here, and MKL in 10 of 12 comparisons at 80-99% sparsity (0.86x to 1.28x its
+# speed; notebook 08). Only 32 gets a copy: narrower batches went faster
+# through MKL, and from 64 columns the general loop did best.
 FIXED_WIDTH = 32
 
 
@@ -576,8 +577,8 @@ BACKENDS = ("auto", "mkl", "numba")
 
 # "auto" sends a batch of fewer columns than this to MKL and the rest to our
 # kernel. Measured on 4096x4096 at 80-99% sparsity (2-core AMD EPYC): MKL won
-# by up to 2x at batch 2-16; ours won at 32 (the fixed-width kernel) and by
-# 1.2-1.8x from 64 (the general one).
+# by up to 2x at batch 2-16; at 32 ours (the fixed-width kernel) was ahead in
+# most runs, and from 64 (the general one) by 1.2-1.8x.
 NUMBA_MIN_BATCH = 32
 
 
