@@ -100,7 +100,6 @@ def compare(
     warmup: int = 3,
     reference: str | None = None,
     block: int = 1,
-    settle_s: float = 0.0,
 ) -> dict:
     """Time every candidate interleaved (rotating order each round); medians and ratios.
 
@@ -130,8 +129,6 @@ def compare(
     for r in range(-(-repeats // block)):  # ceil: every candidate gets at least `repeats` timed calls
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
-            if settle_s > 0:
-                time.sleep(settle_s)
             if block > 1:
                 candidates[n]()  # wake this candidate's threads; not timed
             for _ in range(block):

@@ -448,7 +448,7 @@ def csr_matmul_loop(csr: CSR, X):
 # Compiled kernels. Two details decide their speed (notebook 08 measures both):
 # - indices are read as unsigned (np.uint64(...)): numba treats a signed index
 #   as possibly negative and adds a wrap-around test to every access, which
-#   halved the speed of the row loop here;
+#   made the one-thread row loop 1.4x slower here;
 # - fastmath reassoc + contract: the compiler may reorder a row's sum into SIMD
 #   lanes (AVX2 gathers, fused multiply-add). The result then differs from the
 #   left-to-right loop by rounding only (tests compare with a tolerance).
