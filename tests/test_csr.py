@@ -194,13 +194,21 @@ def test_teaching_variants_agree_with_the_loop(index_dtype):
         matmul_variants()["fixed width"](A, X[:, :8])
 
 
-def test_fixed_width_path_is_taken_and_agrees():
+def test_fixed_width_path_is_taken_and_agrees(monkeypatch):
+    import chapter11.csr as csr_module
+
     W = pruned(300, 200, 0.5, seed=12)  # 30k values x 32 columns: above PARALLEL_MIN_WORK, so threaded
     A = to_csr(W)
     X = torch.randn(200, FIXED_WIDTH, generator=torch.Generator().manual_seed(5))
     want = (W.double() @ X.double()).float()
     for threads in (1, 2, None):
         torch.testing.assert_close(csr_matmul(A, X, num_threads=threads, backend="numba"), want, rtol=1e-5, atol=1e-4)
+    calls = []
+    real = csr_module._matmul_fixed_serial
+    monkeypatch.setattr(csr_module, "_matmul_fixed_serial", lambda *args: calls.append(args[3].shape) or real(*args))
+    csr_matmul(A, X, num_threads=1)
+    csr_matmul(A, X[:, :31].contiguous(), num_threads=1)  # any other width takes the general kernel
+    assert calls == [(200, FIXED_WIDTH)]
 
 
 def test_auto_backend_rules():
