@@ -552,6 +552,14 @@ def _compute_dtype(csr: CSR) -> np.dtype:
     return np.dtype(np.float64) if csr.dtype == np.float64 else np.dtype(np.float32)
 
 
+def _kernel_operand(csr, x, ndim: int, name: str) -> tuple[CSR, np.ndarray, np.dtype, bool]:
+    """Checked CSR, x as a contiguous array of the compute dtype, that dtype, and whether x was torch."""
+    csr = _check_csr(csr)
+    x, is_torch = _as_operand(x, csr, ndim, name)
+    dtype = _compute_dtype(csr)
+    return csr, np.ascontiguousarray(x, dtype=dtype), dtype, is_torch
+
+
 def _values(csr: CSR, dtype: np.dtype) -> np.ndarray:
     return csr.data if csr.data.dtype == dtype else csr.data.astype(dtype)
 
@@ -615,10 +623,7 @@ def csr_matvec(csr: CSR, x, out=None, num_threads: int | None = None, backend: s
     >>> csr_matvec(A, np.array([3.0, 5.0, 7.0], dtype=np.float32)).tolist()
     [17.0, 0.0]
     """
-    csr = _check_csr(csr)
-    x, is_torch = _as_operand(x, csr, 1, "x")  # (cols,)
-    dtype = _compute_dtype(csr)
-    x = np.ascontiguousarray(x, dtype=dtype)
+    csr, x, dtype, is_torch = _kernel_operand(csr, x, 1, "x")  # x: (cols,)
     if out is not None and not (isinstance(out, np.ndarray) and out.shape == (csr.shape[0],) and out.dtype == dtype and out.flags.c_contiguous):
         raise ValueError(f"out must be a contiguous {dtype} numpy array of shape ({csr.shape[0]},)")
     if _backend(backend, out, num_threads, batch=1) == "mkl":
@@ -645,10 +650,7 @@ def csr_matmul(csr: CSR, X, out=None, num_threads: int | None = None, backend: s
     >>> csr_matmul(A, torch.tensor([[1.0, 0.0], [5.0, 5.0], [1.0, 1.0]])).tolist()
     [[3.0, 2.0]]
     """
-    csr = _check_csr(csr)
-    X, is_torch = _as_operand(X, csr, 2, "X")  # (cols, batch)
-    dtype = _compute_dtype(csr)
-    X = np.ascontiguousarray(X, dtype=dtype)
+    csr, X, dtype, is_torch = _kernel_operand(csr, X, 2, "X")  # X: (cols, batch)
     shape = (csr.shape[0], X.shape[1])
     if out is not None and not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype and out.flags.c_contiguous):
         raise ValueError(f"out must be a contiguous {dtype} numpy array of shape {shape}")
@@ -694,10 +696,7 @@ def _matvec_unsigned_in_order(data, indices, indptr, x, out):  # pragma: no cove
 
 
 def _run_serial(kernel, csr: CSR, x, batched: bool = False) -> np.ndarray:
-    csr = _check_csr(csr)
-    x, _ = _as_operand(x, csr, 2 if batched else 1, "X" if batched else "x")
-    dtype = _compute_dtype(csr)
-    x = np.ascontiguousarray(x, dtype=dtype)
+    csr, x, dtype, _ = _kernel_operand(csr, x, 2 if batched else 1, "X" if batched else "x")
     out = np.empty((csr.shape[0], x.shape[1]) if batched else csr.shape[0], dtype=dtype)
     kernel(_values(csr, dtype), csr.indices, csr.indptr, x, out)
     return out
@@ -901,8 +900,6 @@ def benchmark(
             limit = dense_bytes / ours.nbytes
             scipy_A = sp.csr_array(W)  # scipy picks its own index type (int32 here)
             with torch.sparse.check_sparse_tensor_invariants(False):
-                import warnings
-
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     torch_A = Wt.to_sparse_csr()  # what a user gets: int64 indices
