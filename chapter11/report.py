@@ -27,9 +27,21 @@ import tempfile
 from numbers import Real
 from pathlib import Path
 
-__all__ = ["record", "recorded", "headline_table", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "RECORD_ENV"]
+__all__ = [
+    "record",
+    "recorded",
+    "headline_table",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_torch_save",
+    "RECORD_ENV",
+    "FULL_RUNS",
+    "save_full_run",
+    "load_full_run",
+]
 
 RECORD_ENV = "CH11_RECORD_PATH"
+FULL_RUNS = Path(__file__).resolve().parent.parent / "benchmarks" / "full"
 _RECORDS: dict[str, dict] = {}
 
 
@@ -119,3 +131,55 @@ def headline_table(records: dict[str, dict] | None = None) -> str:
         shown = f"{v:.4g}" if isinstance(v, float) else str(v)
         lines.append(f"| {name} | {shown} | {r.get('unit', '')} | {r.get('note', '')} |")
     return "\n".join(lines)
+
+
+
+def _commit() -> str:
+    import subprocess
+
+    root = FULL_RUNS.parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+uncommitted changes" if dirty else "")
+
+
+def save_full_run(name: str, results: dict, settings: dict, command: str, seconds: float, folder: str | os.PathLike | None = None) -> Path:
+    """Write a recorded full run (`CH11_FULL=1`) to `benchmarks/full/<name>.json`.
+
+    The file holds the date (UTC), the machine (`chapter11.bench.machine_info`),
+    the commit, the exact `command`, the `settings` the run used, its wall
+    time in `seconds` and the `results`; notebooks load it with
+    `load_full_run(name)` and label what they plot from it as recorded.
+    """
+    import datetime
+
+    from .bench import machine_info
+
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"name must be a plain file stem, got {name!r}")
+    for arg, value in (("results", results), ("settings", settings)):
+        if not isinstance(value, dict):
+            raise TypeError(f"{arg} must be a dict, got {type(value).__name__}")
+    payload = {
+        "name": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "commit": _commit(),
+        "command": command,
+        "settings": settings,
+        "seconds": round(float(seconds), 1),
+        "results": results,
+    }
+    text = json.dumps(payload, indent=2, sort_keys=True, allow_nan=False)
+    return atomic_write_text(text + "\n", Path(folder or FULL_RUNS) / f"{name}.json")
+
+
+def load_full_run(name: str, folder: str | os.PathLike | None = None) -> dict:
+    """The recorded full run `name` (see `save_full_run`); FileNotFoundError says how to make one."""
+    path = Path(folder or FULL_RUNS) / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no recorded full run at {path}: run the notebook once with CH11_FULL=1 to record it")
+    return json.loads(path.read_text())

@@ -9,8 +9,13 @@ Progress bars: `progress(...)` wraps tqdm. They show by default and are
 turned off by `CH11_PROGRESS=0` (set by the Makefile when notebooks run
 headless, so committed outputs hold no bars) or by `progress=False`.
 
-But: single device, no mixed precision, no gradient accumulation: the models
-here are small on purpose.
+Device: `default_device()` is the one place that picks where models run:
+CUDA when a GPU is present, else the CPU; `CH11_DEVICE=cpu|cuda` overrides
+it. The loops here run on whatever device the model is on and move each
+batch there, so the same code serves a laptop and a GPU.
+
+But: one device at a time, no mixed precision, no gradient accumulation: the
+models here are small on purpose.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from torch.nn import functional as F
 from .masks import MaskedOptimizer, masks_of
 
 __all__ = [
+    "DEVICE_ENV",
+    "default_device",
+    "model_device",
     "seed_everything",
     "progress",
     "History",
@@ -43,6 +51,37 @@ __all__ = [
     "train_lm",
     "perplexity",
 ]
+
+
+DEVICE_ENV = "CH11_DEVICE"
+
+
+def default_device() -> torch.device:
+    """Where models should run: `CH11_DEVICE` if set (`cpu`, `cuda`, `cuda:1`), else CUDA when available, else CPU.
+
+    >>> import os; os.environ["CH11_DEVICE"] = "cpu"; default_device()
+    device(type='cpu')
+    >>> del os.environ["CH11_DEVICE"]
+    """
+    choice = os.environ.get(DEVICE_ENV, "").strip().lower()
+    if choice in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda" or (choice.startswith("cuda:") and choice[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{DEVICE_ENV}={choice!r} asks for a GPU, but torch sees no CUDA device; use {DEVICE_ENV}=cpu")
+        return torch.device(choice)
+    raise ValueError(f"{DEVICE_ENV} must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {choice!r}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
 
 
 def seed_everything(seed: int = 0) -> None:
@@ -138,7 +177,7 @@ def train(
     step = 0
     total = max_steps if max_steps is not None else epochs * len(loader)
     bar = progress(total=total, desc=desc, enabled=progress_bar)
-    device = next(model.parameters()).device
+    device = model_device(model)
 
     def _evaluate():
         metrics = evaluate(model, eval_loader, loss_fn)
@@ -179,7 +218,7 @@ def train(
 def predict(model: nn.Module, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) over the whole loader, in eval mode."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     logits, labels = [], []
     for x, y in loader:
         logits.append(model(x.to(device)).float().cpu())
@@ -299,8 +338,10 @@ def train_lm(
 
     optimizer = _wrap(optimizer or torch.optim.AdamW(model.parameters(), lr=lr), model)
     losses = []
+    device = model_device(model)
     model.train()
     for x, y in progress(lm_batches(tokens, block_size, batch_size, steps, seed), total=steps, desc="train_lm", enabled=progress_bar):
+        x, y = x.to(device), y.to(device)
         logits = _lm_logits(model, x)  # (B, T, V)
         if loss_fn is None:
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
@@ -325,10 +366,11 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, block_size: int = 64, bat
     n = (len(tokens) - 1) // block_size
     if n < 1:
         raise ValueError(f"tokens: need more than block_size + 1 = {block_size + 1} tokens, got {len(tokens)}")
+    device = model_device(model)
     x = tokens[: n * block_size].view(n, block_size)  # (n, T)
     y = tokens[1 : n * block_size + 1].view(n, block_size)  # (n, T)
     total = 0.0
     for i in range(0, n, batch_size):
-        logits = _lm_logits(model, x[i : i + batch_size])
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y[i : i + batch_size].flatten(), reduction="sum").item()
+        logits = _lm_logits(model, x[i : i + batch_size].to(device))  # (b, T, V)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y[i : i + batch_size].flatten().to(device), reduction="sum").item()
     return math.exp(total / (n * block_size))
