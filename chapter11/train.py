@@ -41,6 +41,7 @@ __all__ = [
     "progress",
     "History",
     "train",
+    "fit",
     "evaluate",
     "predict",
     "accuracy_loop",
@@ -212,6 +213,67 @@ def train(
     bar.close()
     model.eval()
     return history
+
+
+@dataclass
+class FitResult:
+    """What `fit` chose on the validation set: the best epoch and the curves that led there."""
+
+    best_epoch: int
+    best_val_accuracy: float
+    epochs_run: int
+    val_accuracy: list[float]
+    history: History
+
+
+def fit(
+    model: nn.Module,
+    loader: Iterable,
+    val_loader: Iterable,
+    max_epochs: int = 100,
+    patience: int = 5,
+    lr: float = 1e-3,
+    optimizer: torch.optim.Optimizer | None = None,
+    min_delta: float = 0.0,
+    callback: Callable | None = None,
+    progress_bar: bool | None = None,
+    desc: str = "fit",
+) -> FitResult:
+    """Train until validation accuracy stops improving, then restore the best epoch's weights.
+
+    Early stopping as Frankle & Carbin use it: after every epoch the model is
+    scored on `val_loader` (never the test set); training stops once
+    `patience` epochs pass without a gain larger than `min_delta`, or at
+    `max_epochs`, and the weights (and mask buffers) of the best epoch are
+    loaded back. One optimizer serves all epochs, so Adam's moments carry over
+    as in one long `train` call.
+    """
+    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
+        raise ValueError(f"max_epochs must be an int >= 1, got {max_epochs!r}")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise ValueError(f"patience must be an int >= 1, got {patience!r}")
+    optimizer = _wrap(optimizer or torch.optim.Adam(model.parameters(), lr=lr), model)
+    history = History()
+    best, best_epoch, best_state, since = -1.0, 0, None, 0
+    val_accuracy: list[float] = []
+    bar = progress(total=max_epochs, desc=desc, enabled=progress_bar)
+    for epoch in range(1, max_epochs + 1):
+        h = train(model, loader, epochs=1, optimizer=optimizer, callback=callback, progress_bar=False)
+        history.losses += h.losses
+        acc = evaluate(model, val_loader)["accuracy"]
+        val_accuracy.append(acc)
+        bar.update(1)
+        if acc > best + min_delta:
+            best, best_epoch, since = acc, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            since += 1
+            if since >= patience:
+                break
+    bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(best_epoch, best, len(val_accuracy), val_accuracy, history)
 
 
 @torch.no_grad()

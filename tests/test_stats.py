@@ -108,3 +108,20 @@ def test_default_device_honours_the_environment(monkeypatch):
 def test_model_device():
     assert model_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
     assert model_device(torch.nn.ReLU()) == torch.device("cpu")
+
+
+def test_fit_stops_early_and_restores_the_best_epoch():
+    from chapter11.data import loaders, mnist1d, validation_loader, with_validation
+    from chapter11.models import LeNet300100
+    from chapter11.train import evaluate, fit, seed_everything
+
+    seed_everything(0)
+    split = with_validation(mnist1d(num_samples=1000), 0.2)
+    train_loader, _ = loaders(split, batch_size=64)
+    model = LeNet300100()
+    result = fit(model, train_loader, validation_loader(split), max_epochs=40, patience=2, lr=3e-3, progress_bar=False)
+    assert result.epochs_run < 40 and result.epochs_run - result.best_epoch == 2  # stopped by patience
+    assert result.best_val_accuracy == max(result.val_accuracy)
+    assert evaluate(model, validation_loader(split))["accuracy"] == result.best_val_accuracy  # best weights restored
+    with pytest.raises(ValueError, match="patience"):
+        fit(model, train_loader, validation_loader(split), patience=0)
