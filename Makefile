@@ -16,7 +16,6 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # The same for numpy's OpenBLAS, whose idle threads otherwise poll for ~0.1 s
 # and stall the next library's threads (chapter11/bench.py, QUIET_POOLS).
 export OPENBLAS_THREAD_TIMEOUT ?= 4
-NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900
 
 .PHONY: install run test unit nbval lab notebooks book bench clean
 
@@ -34,15 +33,16 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	$(BIN)/python -m chapter11 run
 
-## The whole test suite: unit tests, doctests, and nbval over notebooks/
+## The whole test suite: unit tests, doctests, and nbval over notebooks/ under two instruction sets
 test: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider tests chapter11
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider -m "not notebooks" tests chapter11
 
+## nbval only: every notebook with this CPU's default kernels and with AVX2 kernels (tests/test_notebooks.py)
 nbval: $(STAMP)
-	$(BIN)/python -m pytest -p no:cacheprovider $(NBVAL) notebooks/[0-9]*.ipynb
+	$(BIN)/python -m pytest -p no:cacheprovider tests/test_notebooks.py
 
 ## JupyterLab on notebooks/
 lab: $(STAMP)

@@ -45,6 +45,7 @@ NOTEBOOKS = [
     "06_dynamic_sparsity_rigl",
     "07_channel_pruning_distillation",
     "08_sparse_kernels",
+    "09_llm_one_shot_pruning",
 ]
 # The chapter's five experiments: their pages must show figures.
 EXPERIMENTS = NOTEBOOKS[1:6]
@@ -99,6 +100,7 @@ def stage(src: Path = SRC) -> list[str]:
     for path in sorted(BOOK.iterdir()):
         if path.suffix in {".md", ".bib", ".yml"} and path.is_file():
             shutil.copy2(path, src / path.name)
+    shutil.copytree(BOOK / "_static", src / "_static")  # custom.css (Jupyter Book loads every CSS file there)
     missing = []
     for name in NOTEBOOKS:
         notebook = ROOT / "notebooks" / f"{name}.ipynb"

@@ -7,7 +7,7 @@ offline opens it), over the Chrome DevTools Protocol:
 - no console error, uncaught exception or failed load;
 - no request to any other host (anything but file:, data:, blob:, about:);
 - every formula typeset by MathJax, and no raw `$...$`, `\\(` or `\\[` left
-  in the text outside code;
+  in the text outside code; every display formula centred in its block;
 - every image shown (loaded, non-zero width); an experiment notebook page
   shows at least one figure, and as many as its notebook has image outputs.
 Saves a screenshot of the first experiment page to build/book_experiment_01.png.
@@ -60,10 +60,20 @@ PAGE_PROBE = r"""
     const t = n.textContent;
     if (/\$\$|\$[^$\s][^$]*\$|\\\(|\\\[/.test(t)) raw.push(t.trim().slice(0, 80));
   }
+  // A display formula is centred when the gaps left and right of the typeset
+  // formula inside its block differ by a few pixels at most.
+  const offcentre = [...document.querySelectorAll('div.math')].map(d => {
+    const f = d.querySelector('.MathJax_CHTML, mjx-container, .MathJax');
+    if (!f) return null;
+    const b = d.getBoundingClientRect(), r = f.getBoundingClientRect();
+    if (r.width >= b.width - 4) return null;  // as wide as its block: nothing to centre
+    const gap = Math.abs((r.left - b.left) - (b.right - r.right));
+    return gap > 8 ? `${d.textContent.trim().slice(0, 40)} (off by ${Math.round(gap)} px)` : null;
+  }).filter(x => x);
   const imgs = [...document.querySelectorAll('main img')];
   return {
     mathjax: typeof MathJax !== 'undefined' && !!MathJax.Hub,
-    maths: maths.length, untypeset, raw,
+    maths: maths.length, untypeset, raw, offcentre,
     images: imgs.length,
     broken_images: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute('src')),
     placeholder: /not available yet/.test(document.title + (document.querySelector('h1') || {textContent: ''}).textContent),
@@ -213,6 +223,7 @@ def check_page(browser: Browser, page: Path, html_dir: Path, allow_missing: bool
         problems.append("MathJax did not load")
     problems += [f"formula not typeset: {t!r}" for t in probe["untypeset"][:3]]
     problems += [f"raw TeX in text: {t!r}" for t in probe["raw"][:3]]
+    problems += [f"display formula not centred: {t!r}" for t in probe["offcentre"][:3]]
     problems += [f"image not shown: {s}" for s in probe["broken_images"][:3]]
     rel = page.relative_to(html_dir)
     name = rel.stem
