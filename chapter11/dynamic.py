@@ -22,32 +22,51 @@ Erdős–Rényi-Kernel, ERK (density proportional to the sum of all weight
 dimensions over their product, so conv kernels count too). Small layers get
 denser, big layers sparser, and the total matches s.
 
+Training cost is counted the way the RigL paper reports it (appendix H):
+in multiples of dense training FLOPs, a step costing 3 f_S (sparse forward
+plus a backward of twice the forward), RigL's update steps 2 f_S + f_D (the
+dense weight gradient), dense training 3 f_D per step, with f_S the forward
+MACs of the masked layers scaled by each layer's density
+(`training_flops_loop` / `training_flops`, `dense_macs`).
+
 Covers: the three distributions (`layer_sparsities_loop` / `layer_sparsities`),
 random initial masks, the drop and grow steps (`drop_loop` / `drop`,
 `grow_loop` / `grow`), the cosine schedule, `DynamicSparsity`, a callback
-for `chapter11.train.train` that runs SET or RigL around any optimizer, and
-`train_sparse`, which wires them together for the notebook.
+for `chapter11.train.train` that runs SET or RigL around any optimizer,
+`GradualMagnitude` (pruning from dense along Zhu & Gupta's cubic schedule,
+to the same per-layer targets, as the baseline), the FLOP count, and
+`train_sparse`, which wires them together for the notebook and logs the
+density of every layer at every step.
 
 But: it does not implement RigL's other knobs (growing with random noise,
 non-zero initialisation of regrown weights, sparse gradient accumulation
 over several batches), nor any speed-up: the weights are dense tensors with
-zeros, so training costs what dense training costs. In this module a
-connection dropped at an update cannot be regrown in the same update (the
-reference RigL code allows it; the connection then simply survives), so every
-update moves exactly the number of connections it reports.
+zeros, so training here costs what dense training costs, and RigL's dense
+gradient is an extra forward/backward pass on the update step (a sparse
+implementation folds it into that step's backward pass, which is what the
+FLOP count assumes). The FLOP count leaves out biases, norms, activations
+and the cost of the mask updates themselves, as the paper does. In this
+module a connection dropped at an update cannot be regrown in the same
+update (the reference RigL code allows it; the connection then simply
+survives), so every update moves exactly the number of connections it
+reports.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .masks import apply_masks, masks_of, prunable_parameters
 from .sparsity import check_sparsity
+from .train import History
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -62,6 +81,14 @@ __all__ = [
     "grow",
     "reset_optimizer_state",
     "DynamicSparsity",
+    "gradual_sparsity",
+    "GradualMagnitude",
+    "dense_macs",
+    "training_flops_loop",
+    "training_flops",
+    "inference_flops",
+    "SparseRun",
+    "TRAIN_METHODS",
     "train_sparse",
 ]
 
@@ -228,16 +255,40 @@ def random_masks(
 # ---------------------------------------------------------------- schedule
 
 
+def _check_step(value, name: str, minimum: int) -> int:
+    """An int (numpy ints too, never a bool) >= minimum, or a ValueError naming `name`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int >= {minimum} (a count of optimizer steps), got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum} (a count of optimizer steps), got {value!r}")
+    return int(value)
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real):
+        raise ValueError(f"alpha must be a real number in [0, 1] (the initial drop fraction), got {alpha!r}")
+    if not 0 <= float(alpha) <= 1:  # also refuses NaN
+        raise ValueError(f"alpha must be a real number in [0, 1] (the initial drop fraction), got {alpha!r}")
+    return float(alpha)
+
+
 def cosine_drop_fraction(step: int, alpha: float = 0.3, end_step: int = 1000) -> float:
     """f(t) = alpha / 2 * (1 + cos(pi * t / T_end)) for t < T_end, else 0.
 
+    `step` is t (an int >= 0), `alpha` the initial drop fraction (a real in
+    [0, 1]; a bool is refused), `end_step` is T_end (an int >= 1), the step
+    after which the mask no longer moves.
+
     >>> cosine_drop_fraction(0, 0.3, 100), cosine_drop_fraction(50, 0.3, 100), cosine_drop_fraction(100, 0.3, 100)
     (0.3, 0.15, 0.0)
+    >>> cosine_drop_fraction(0, True, 10)
+    Traceback (most recent call last):
+    ...
+    ValueError: alpha must be a real number in [0, 1] (the initial drop fraction), got True
     """
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if end_step < 1:
-        raise ValueError(f"end_step must be >= 1, got {end_step}")
+    step = _check_step(step, "step", 0)
+    alpha = _check_alpha(alpha)
+    end_step = _check_step(end_step, "end_step", 1)
     if step >= end_step:
         return 0.0
     return round(alpha / 2 * (1 + math.cos(math.pi * step / end_step)), 12)
@@ -251,6 +302,13 @@ def _check_pair(scores: torch.Tensor, mask: torch.Tensor, scores_name: str) -> N
         raise TypeError(f"{scores_name} and mask must be tensors, got {type(scores).__name__} and {type(mask).__name__}")
     if scores.shape != mask.shape:
         raise ValueError(f"{scores_name} has shape {tuple(scores.shape)} but mask has shape {tuple(mask.shape)}")
+    if mask.is_floating_point() and torch.isnan(mask).any():
+        raise ValueError("mask contains NaN; a mask holds only 0 (pruned) and 1 (kept)")
+    bad = (mask != 0) & (mask != 1)
+    if bad.any():
+        raise ValueError(f"mask must hold only 0 (pruned) and 1 (kept), found {mask[bad].flatten()[0].item():g}")
+    if scores.is_floating_point() and torch.isnan(scores).any():
+        raise ValueError(f"{scores_name} contains NaN; NaN cannot be ranked (a diverged model or a bad gradient?)")
 
 
 def _check_n(n: int, available: int, what: str) -> int:
@@ -449,7 +507,7 @@ class DynamicSparsity:
             return
         fraction = cosine_drop_fraction(step, self.alpha, self.end_step)
         grads = self.dense_gradients(model, x, y) if self.method == "rigl" and fraction > 0 else None
-        record = {"step": step, "drop_fraction": fraction, "moved": {}, "sparsity": {}}
+        record = {"step": step, "drop_fraction": fraction, "dense_gradient": grads is not None, "moved": {}, "sparsity": {}}
         new_masks = {}
         for name, mask in self.masks.items():
             param = self.params[name]
@@ -475,6 +533,243 @@ class DynamicSparsity:
         self.history.append(record)
 
 
+# ---------------------------------------------------------------- pruning from dense, for comparison
+
+
+def gradual_sparsity(step: int, sparsity: float, start_step: int, end_step: int) -> float:
+    """Zhu & Gupta's (2017) cubic schedule s(t) = s_f * (1 - (1 - (t - t0) / (t_end - t0))^3).
+
+    0 up to `start_step` (t0), `sparsity` (s_f) from `end_step` on. The same
+    formula as `chapter11.schedules.cubic_sparsity` with s_i = 0 (a test
+    checks they agree); kept here so this module stands on the core alone.
+
+    >>> [round(gradual_sparsity(t, 0.8, 10, 20), 3) for t in (0, 10, 15, 20, 30)]
+    [0.0, 0.0, 0.7, 0.8, 0.8]
+    """
+    sparsity = check_sparsity(sparsity, "sparsity")
+    step = _check_step(step, "step", 0)
+    start_step = _check_step(start_step, "start_step", 0)
+    end_step = _check_step(end_step, "end_step", start_step + 1)
+    if step <= start_step:
+        return 0.0
+    if step >= end_step:
+        return sparsity
+    return sparsity * (1.0 - (1.0 - (step - start_step) / (end_step - start_step)) ** 3)
+
+
+class GradualMagnitude:
+    """Pruning from dense as a `callback(step, model, optimizer, x, y)` for `chapter11.train.train`.
+
+    The model trains dense; every `update_every` steps from `start_step` to
+    `end_step` (and at `end_step` itself) each layer drops its smallest active
+    weights until it reaches its share of `gradual_sparsity(step, ...)` under
+    `distribution` (ERK by default, the same per-layer split the sparse
+    methods use). Masks only shrink. On construction every prunable weight
+    gets an all-ones mask, so `train` wraps its optimizer in `MaskedOptimizer`
+    and pruned weights stay at zero.
+
+    `self.history` holds one dict per update: step, target sparsity and the
+    sparsity of each layer after the update.
+
+    >>> from chapter11.models import LeNet300100
+    >>> model = LeNet300100()
+    >>> prune = GradualMagnitude(model, 0.9, start_step=0, end_step=4, update_every=2)
+    >>> for step in (1, 2, 3, 4):
+    ...     prune(step, model, None, None, None)
+    >>> [(r["step"], round(r["target"], 4)) for r in prune.history]
+    [(2, 0.7875), (4, 0.9)]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        distribution: str = "erk",
+        start_step: int = 0,
+        end_step: int = 1000,
+        update_every: int = 100,
+        exclude: Iterable[str] = (),
+    ):
+        self.sparsity = check_sparsity(sparsity, "sparsity")
+        self.distribution = _check_distribution(distribution)
+        self.start_step = _check_step(start_step, "start_step", 0)
+        self.end_step = _check_step(end_step, "end_step", self.start_step + 1)
+        self.update_every = _check_step(update_every, "update_every", 1)
+        self.params = prunable_parameters(model, exclude=exclude)
+        self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
+        present = masks_of(model)
+        ones = {n: torch.ones_like(p) for n, p in self.params.items() if n not in present}
+        if ones:
+            apply_masks(model, ones)
+        self.masks = {n: m for n, m in masks_of(model).items() if n in self.params}
+        self.history: list[dict] = []
+
+    def is_update_step(self, step: int) -> bool:
+        if step == self.end_step:
+            return True
+        return self.start_step < step < self.end_step and (step - self.start_step) % self.update_every == 0
+
+    def __call__(self, step: int, model: nn.Module, optimizer, x, y) -> None:
+        if not self.is_update_step(step):
+            return
+        target = gradual_sparsity(step, self.sparsity, self.start_step, self.end_step)
+        layer_targets = layer_sparsities(self.shapes, target, self.distribution)
+        new_masks, record = {}, {"step": step, "target": target, "sparsity": {}}
+        for name, mask in self.masks.items():
+            active = int(mask.sum())
+            n = max(0, active - _n_keep(mask.numel(), layer_targets[name]))
+            new_masks[name] = drop(self.params[name], mask, n)  # smallest |w| among the active ones
+            record["sparsity"][name] = 1.0 - (active - n) / mask.numel()
+        apply_masks(model, new_masks)  # product with the old mask: only shrinks
+        self.history.append(record)
+
+
+# ---------------------------------------------------------------- training FLOPs, as the RigL paper counts them
+
+
+def dense_macs(model: nn.Module, example_input: torch.Tensor, exclude: Iterable[str] = ()) -> dict[str, int]:
+    """Multiply-accumulates of one dense forward pass per example, for each prunable weight's layer.
+
+    A Linear output element costs in_features MACs; a conv output element
+    costs (in_channels / groups) * prod(kernel). Keys are parameter names
+    (`"fc1.weight"`), so they match masks and `layer_sparsities`. Biases,
+    norms and activations are left out, as in the RigL paper's count.
+
+    >>> from chapter11.models import LeNet300100
+    >>> dense_macs(LeNet300100(), torch.zeros(1, 40))
+    {'fc1.weight': 12000, 'fc2.weight': 30000, 'fc3.weight': 1000}
+    """
+    params = prunable_parameters(model, exclude=exclude)
+    modules = {name.rpartition(".")[0]: name for name in params if name.endswith("weight")}
+    found: dict[str, int] = {}
+    handles = []
+    for module_name, module in model.named_modules():
+        if module_name not in modules:
+            continue
+
+        def hook(m, inputs, out, key=modules[module_name]):
+            per_output = m.in_features if isinstance(m, nn.Linear) else (m.in_channels // m.groups) * math.prod(m.kernel_size)
+            found[key] = found.get(key, 0) + out.numel() * per_output
+
+        handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input[:1])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: found[name] for name in params if name in found}
+
+
+def _flop_args(macs: Mapping[str, int], densities, dense_gradient):
+    if not isinstance(macs, Mapping) or not macs:
+        raise ValueError(f"macs must be a non-empty mapping layer -> dense MACs, got {macs!r:.80}")
+    names = list(macs)
+    if isinstance(densities, torch.Tensor):
+        rows = densities.detach().to(torch.float64).cpu()  # (T, L)
+        if rows.dim() != 2 or rows.shape[1] != len(names):
+            raise ValueError(f"densities must have shape (steps, {len(names)}), got {tuple(rows.shape)}")
+    else:
+        densities = list(densities)
+        for i, row in enumerate(densities):
+            if not isinstance(row, Mapping) or set(row) != set(names):
+                raise ValueError(f"densities[{i}] must map exactly the layers {names}, got {row!r:.80}")
+        rows = torch.tensor([[float(row[n]) for n in names] for row in densities], dtype=torch.float64).reshape(-1, len(names))
+    flags = torch.as_tensor(list(dense_gradient) if not isinstance(dense_gradient, torch.Tensor) else dense_gradient).bool().flatten()
+    if rows.shape[0] == 0 or flags.numel() != rows.shape[0]:
+        raise ValueError(f"need one dense_gradient flag per step and at least one step, got {flags.numel()} flags for {rows.shape[0]} steps")
+    if torch.isnan(rows).any() or (rows < 0).any() or (rows > 1).any():
+        raise ValueError("densities must lie in [0, 1]")
+    return names, rows, flags
+
+
+def training_flops_loop(macs: Mapping[str, int], densities, dense_gradient) -> float:
+    """Training FLOPs as a fraction of dense training, counted as in RigL (Evci et al., 2020, appendix H).
+
+    With M_l the dense forward MACs of layer l and d_l(t) its density during
+    step t, the sparse forward pass costs f_S(t) = sum_l d_l(t) M_l and the
+    dense one f_D = sum_l M_l. A training step costs 3 f_S(t) (forward, plus
+    a backward pass of twice the forward: gradients for activations and for
+    weights); a step on which RigL takes the dense gradient costs
+    2 f_S(t) + f_D (the weight gradient is dense). Dense training costs
+    3 f_D per step, so the result is 1.0 for dense and about the average
+    density for a static mask (exactly it for an MLP, where every weight is
+    used once per example).
+
+    `densities` is one {layer: d} per step, `dense_gradient` one bool per step.
+    Hand example, one layer with M = 10: step 1 at density 0.5 costs
+    3 * 5 = 15, step 2 at 0.5 with a dense gradient 2 * 5 + 10 = 20; dense
+    training costs 2 * 30 = 60, so 35 / 60.
+
+    >>> round(training_flops_loop({"fc": 10}, [{"fc": 0.5}, {"fc": 0.5}], [False, True]), 4)
+    0.5833
+    """
+    names, rows, flags = _flop_args(macs, densities, dense_gradient)
+    f_dense = 0.0
+    for name in names:
+        f_dense += macs[name]
+    total = 0.0
+    for t in range(rows.shape[0]):
+        f_sparse = 0.0
+        for j, name in enumerate(names):
+            f_sparse += float(rows[t, j]) * macs[name]
+        total += 2 * f_sparse + f_dense if flags[t] else 3 * f_sparse
+    return total / (3 * f_dense * rows.shape[0])
+
+
+def training_flops(macs: Mapping[str, int], densities, dense_gradient) -> float:
+    """Vectorised `training_flops_loop`; `densities` may be a (steps, layers) tensor in `macs` order.
+
+    >>> round(training_flops({"a": 100, "b": 300}, torch.tensor([[1.0, 0.1]] * 4), [False] * 4), 4)
+    0.325
+    """
+    names, rows, flags = _flop_args(macs, densities, dense_gradient)
+    m = torch.tensor([float(macs[n]) for n in names], dtype=torch.float64)  # (L,)
+    f_sparse = rows @ m  # (T,)
+    f_dense = m.sum()
+    per_step = torch.where(flags, 2 * f_sparse + f_dense, 3 * f_sparse)  # (T,)
+    return float(per_step.sum() / (3 * f_dense * rows.shape[0]))
+
+
+def inference_flops(macs: Mapping[str, int], densities: Mapping[str, float]) -> float:
+    """Forward FLOPs of a sparse network as a fraction of the dense one: sum_l d_l M_l / sum_l M_l.
+
+    >>> inference_flops({"a": 100, "b": 300}, {"a": 1.0, "b": 0.1})
+    0.325
+    """
+    return training_flops(macs, [densities], [False])
+
+
+# ---------------------------------------------------------------- one function for the notebook
+
+
+@dataclass
+class SparseRun:
+    """What `train_sparse` returns.
+
+    `updater` is the `DynamicSparsity` (SET, RigL) or `GradualMagnitude`
+    callback, None for dense and static; `densities[t, j]` is the density of
+    layer `names[j]` during step t + 1, and `dense_gradient[t]` says whether
+    RigL took a dense gradient on that step: together they give the training
+    FLOPs (`self.training_flops(macs)`).
+    """
+
+    history: History
+    updater: object | None
+    names: list[str]
+    densities: torch.Tensor  # (steps, layers)
+    dense_gradient: torch.Tensor  # (steps,) bool
+
+    def training_flops(self, macs: Mapping[str, int]) -> float:
+        return training_flops({n: macs[n] for n in self.names}, self.densities, self.dense_gradient)
+
+
+TRAIN_METHODS = ("dense", "static", "set", "rigl", "gradual")
+
+
 def train_sparse(
     model: nn.Module,
     loader: Iterable,
@@ -486,30 +781,70 @@ def train_sparse(
     update_every: int = 100,
     alpha: float = 0.3,
     end_fraction: float = 0.75,
+    prune_start: float = 0.1,
     eval_loader: Iterable | None = None,
     eval_every: int | None = None,
     exclude: Iterable[str] = (),
     seed: int = 0,
     snapshot: Iterable[str] = (),
     progress_bar: bool | None = None,
-):
-    """Sparse training from scratch: random masks, then Adam with static, SET or RigL masks.
+) -> SparseRun:
+    """Train `model` for `epochs` with Adam(lr) by one of `TRAIN_METHODS`, and log what each step cost.
 
-    `method="static"` keeps the initial random mask; "set" and "rigl" update it
-    every `update_every` steps until `end_fraction` of the training steps.
-    Returns (History, DynamicSparsity or None for static).
+    - "dense": no masks (the reference).
+    - "static": a random mask (per-layer sparsity from `distribution`), never moved.
+    - "set" / "rigl": the same random start, updated every `update_every`
+      steps until `end_fraction` of training (`DynamicSparsity`).
+    - "gradual": dense start, pruned by magnitude along the cubic schedule
+      from `prune_start` to `end_fraction` of training (`GradualMagnitude`),
+      every `update_every` steps, to the same per-layer targets.
+
+    All methods take the same number of optimizer steps (equal training
+    budgets in steps; `SparseRun.training_flops` says what each step cost).
     """
     from .train import train
 
-    if method not in ("static",) + METHODS:
-        raise ValueError(f"method must be 'static', 'set' or 'rigl', got {method!r}")
-    if not 0 < end_fraction <= 1:
+    if method not in TRAIN_METHODS:
+        raise ValueError(f"method must be one of {TRAIN_METHODS}, got {method!r}")
+    for value, name in ((end_fraction, "end_fraction"), (prune_start, "prune_start")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a real number in [0, 1], got {value!r}")
+    if end_fraction == 0:
         raise ValueError(f"end_fraction must be in (0, 1], got {end_fraction}")
-    random_masks(model, sparsity, distribution, exclude=exclude, seed=seed)
-    callback = None
-    if method != "static":
-        end_step = max(1, int(end_fraction * epochs * len(loader)))
-        callback = DynamicSparsity(model, method, update_every, alpha, end_step, seed=seed, snapshot=snapshot)
+    if method == "gradual" and prune_start >= end_fraction:
+        raise ValueError(f"prune_start ({prune_start}) must come before end_fraction ({end_fraction})")
+    check_sparsity(sparsity, "sparsity")
+    names = list(prunable_parameters(model, exclude=exclude))
+    total_steps = epochs * len(loader)
+    end_step = max(1, int(end_fraction * total_steps))
+    updater = None
+    if method in ("static",) + METHODS:
+        random_masks(model, sparsity, distribution, exclude=exclude, seed=seed)
+    if method in METHODS:
+        updater = DynamicSparsity(model, method, update_every, alpha, end_step, seed=seed, snapshot=snapshot)
+    elif method == "gradual":
+        updater = GradualMagnitude(model, sparsity, distribution, int(prune_start * total_steps), max(end_step, int(prune_start * total_steps) + 1),
+                                   update_every, exclude=exclude)
+
+    def current() -> list[float]:
+        masks = masks_of(model)
+        return [float(masks[n].sum()) / masks[n].numel() if n in masks else 1.0 for n in names]
+
+    rows, flags, now = [], [], current()
+
+    def callback(step, model_, optimizer, x, y):
+        nonlocal now
+        rows.append(now)  # the masks this step's forward and backward used
+        took_dense = False
+        if updater is not None:
+            before = len(updater.history)
+            updater(step, model_, optimizer, x, y)
+            if len(updater.history) > before:
+                took_dense = bool(updater.history[-1].get("dense_gradient", False))
+                now = current()
+        flags.append(took_dense)
+
     history = train(model, loader, epochs=epochs, lr=lr, eval_loader=eval_loader, eval_every=eval_every,
                     callback=callback, progress_bar=progress_bar, desc=method)
-    return history, callback
+    densities = torch.tensor(rows, dtype=torch.float64).reshape(-1, len(names))  # (steps, layers)
+    return SparseRun(history, updater, names, densities, torch.tensor(flags, dtype=torch.bool))

@@ -4,6 +4,7 @@ soft mask == physical removal on MLP, CNN, Transformer MLP and ResNet-18, MACs, 
 import copy
 import functools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.utils.prune as prune
@@ -12,6 +13,8 @@ from torch import nn
 from chapter11.models import LeNet300100, SmallCNN, TransformerClassifier
 from chapter11.structured.channels import (
     Group,
+    bn_scale_importance,
+    bn_scale_importance_loop,
     channel_scores,
     channels_to_remove,
     channels_to_remove_loop,
@@ -24,6 +27,8 @@ from chapter11.structured.channels import (
     mask_channels,
     plan_by_scores,
     predicted_speedup,
+    recalibrate_batchnorm,
+    recalibrate_batchnorm_loop,
     remove_channels,
     taylor_importance,
     taylor_importance_loop,
@@ -231,7 +236,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="p must be 1"):
         filter_norms(torch.ones(2, 2), p=3)
     with pytest.raises(ValueError, match="criterion must be"):
-        channel_scores(model, "random")
+        channel_scores(model, "l3")
     with pytest.raises(ValueError, match="batches: the 'taylor' criterion needs"):
         channel_scores(model, "taylor")
     with pytest.raises(ValueError, match="grad has shape"):
@@ -262,3 +267,165 @@ def test_removed_equals_soft_masked_on_cuda():
     assert next(small.parameters()).is_cuda
     with torch.no_grad():
         torch.testing.assert_close(small(x), masked(x), atol=1e-3, rtol=1e-3)
+
+
+# ---------------------------------------------------------------- issue 13: masks survive removal
+
+
+def _sgd_steps(model, steps=10, seed=0, in_shape=(40,)):
+    from chapter11.train import train
+
+    g = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(8, *in_shape, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(steps)]
+    train(model, data, epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), progress_bar=False)
+
+
+def test_remove_channels_keeps_unstructured_masks_of_every_touched_layer():
+    # The issue's reproducer: magnitude masks on all three layers, then two fc1 neurons removed.
+    from chapter11.magnitude import prune_magnitude
+    from chapter11.masks import masks_of
+
+    torch.manual_seed(0)
+    model = LeNet300100()
+    prune_magnitude(model, 0.8)
+    before = {k: v.clone() for k, v in masks_of(model).items()}
+    small = remove_channels(model, {"fc1": [0, 1]})
+    masks = masks_of(small)
+    assert sorted(masks) == ["fc1.weight", "fc2.weight", "fc3.weight"]
+    torch.testing.assert_close(masks["fc1.weight"], before["fc1.weight"][2:])  # producer: rows gone
+    torch.testing.assert_close(masks["fc2.weight"], before["fc2.weight"][:, 2:])  # consumer: columns gone
+    torch.testing.assert_close(masks["fc3.weight"], before["fc3.weight"])
+    pruned = {name: masks[name] == 0 for name in masks}
+    _sgd_steps(small)
+    for name, where in pruned.items():
+        assert small.get_parameter(name)[where].abs().sum() == 0, f"pruned weights of {name} came back"
+    assert small.fc2.weight[~pruned["fc2.weight"]].abs().sum() > 0  # and the kept ones did train
+
+
+def test_remove_channels_slices_conv_and_batchnorm_masks():
+    from chapter11.masks import apply_masks, masks_of
+
+    torch.manual_seed(0)
+    model = _randomize_bn(SmallCNN(dims=1)).train()
+    g = torch.Generator().manual_seed(1)
+    unstructured = {n: (torch.rand(p.shape, generator=g) > 0.5).float() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
+    apply_masks(model, unstructured)
+    mask_channels(model, {"conv2": [3, 4]})  # masks on conv2 rows, conv2 bias and bn2's scale and shift
+    small = remove_channels(model, {"conv2": [0, 4, 9], "conv3": [1]})
+    keep2 = [i for i in range(64) if i not in (0, 4, 9)]
+    keep3 = [i for i in range(64) if i != 1]
+    masks = masks_of(small)
+    torch.testing.assert_close(masks["conv2.weight"], masks_of(model)["conv2.weight"][keep2])
+    torch.testing.assert_close(masks["conv2.bias"], masks_of(model)["conv2.bias"][keep2])
+    torch.testing.assert_close(masks["bn2.weight"], masks_of(model)["bn2.weight"][keep2])
+    torch.testing.assert_close(masks["conv3.weight"], masks_of(model)["conv3.weight"][keep3][:, keep2])
+    torch.testing.assert_close(masks["fc.weight"], masks_of(model)["fc.weight"][:, keep3])
+    assert masks["conv2.bias"][2] == 0 and masks["bn2.bias"][2] == 0  # old unit 3 is still switched off
+    zeros = {n: m == 0 for n, m in masks.items()}
+    _sgd_steps(small)
+    for name, where in zeros.items():
+        assert small.get_parameter(name)[where].abs().sum() == 0, name
+
+
+# ---------------------------------------------------------------- issue 13: amount types
+
+
+def test_numpy_integer_amount_is_a_count_and_float_a_fraction():
+    s = torch.tensor([3.0, 1.0, 2.0, 0.0])
+    assert channels_to_remove(s, np.int64(2)) == channels_to_remove_loop(s, np.int64(2)) == [1, 3]
+    assert channels_to_remove(s, np.int32(1)) == [3]
+    assert channels_to_remove(s, np.float64(0.5)) == [1, 3]  # a float is a fraction
+    assert channels_to_remove(s, torch.tensor(1)) == [3]
+    assert plan_by_scores({"fc1": s}, np.int64(3)) == {"fc1": [1, 2, 3]}
+    for bad in (True, np.bool_(True)):
+        with pytest.raises(TypeError, match="bool"):
+            channels_to_remove(s, bad)
+    with pytest.raises(TypeError, match="int count or a float fraction"):
+        channels_to_remove(s, "2")
+
+
+# ---------------------------------------------------------------- criteria: BN scale and random
+
+
+def test_bn_scale_importance_loop_equals_vectorised_and_is_abs_gamma():
+    bn = nn.BatchNorm1d(5)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, -2.0, 0.0, 1.5, -0.1]))
+    torch.testing.assert_close(bn_scale_importance_loop(bn), bn_scale_importance(bn))
+    torch.testing.assert_close(bn_scale_importance(bn), torch.tensor([0.5, 2.0, 0.0, 1.5, 0.1]))
+    model = _randomize_bn(SmallCNN(dims=1))
+    scores = channel_scores(model, "bn_scale")
+    assert sorted(scores) == ["conv1", "conv2", "conv3"]
+    torch.testing.assert_close(scores["conv2"], model.bn2.weight.detach().abs())
+    with pytest.raises(ValueError, match="needs a batch-norm after every producer"):
+        channel_scores(LeNet300100(), "bn_scale")
+    with pytest.raises(TypeError, match="BatchNorm"):
+        bn_scale_importance(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="affine=False"):
+        bn_scale_importance(nn.BatchNorm1d(2, affine=False))
+
+
+def test_random_criterion_depends_on_seed_only():
+    a = channel_scores(SmallCNN(dims=1), "random", seed=3)
+    b = channel_scores(_randomize_bn(SmallCNN(dims=1)), "random", seed=3)
+    c = channel_scores(SmallCNN(dims=1), "random", seed=4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["conv2"], c["conv2"])
+    assert {k: v.shape for k, v in a.items()} == {"conv1": (32,), "conv2": (64,), "conv3": (64,)}
+
+
+# ---------------------------------------------------------------- batch-norm recalibration
+
+
+def _bn_batches(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 40, generator=g) * 2 + 1, torch.randint(0, 10, (16,), generator=g)) for _ in range(n)]
+
+
+def test_recalibrate_loop_vectorised_and_torch_update_bn_agree():
+    from torch.optim.swa_utils import update_bn
+
+    torch.manual_seed(0)
+    small = remove_channels(_randomize_bn(SmallCNN(dims=1)), {"conv1": range(8), "conv2": range(0, 64, 2)})
+    batches = _bn_batches()
+    ours, loop, ref = copy.deepcopy(small), copy.deepcopy(small), copy.deepcopy(small)
+    assert recalibrate_batchnorm(ours, batches) == 4
+    assert recalibrate_batchnorm_loop(loop, batches) == 4
+    update_bn([x for x, _ in batches], ref)  # torch's own: reset, momentum None, forward in train mode
+    for name in ("bn1", "bn2", "bn3"):
+        for stat in ("running_mean", "running_var"):
+            a, b, c = (getattr(m.get_submodule(name), stat) for m in (ours, loop, ref))
+            torch.testing.assert_close(a, c)
+            torch.testing.assert_close(b, c, atol=1e-4, rtol=1e-4)
+        assert getattr(ours, name).momentum == small.get_submodule(name).momentum  # restored
+    assert not ours.training  # the mode it had
+    for (n, p), q in zip(small.named_parameters(), ours.parameters()):
+        assert torch.equal(p, q), f"{n} changed: recalibration must not take a gradient step"
+
+
+def test_recalibration_estimates_the_statistics_of_the_new_inputs():
+    # After removal the running stats are stale; after recalibration bn2's running mean is the
+    # mean of its inputs (the same per-batch average computed here by hand).
+    torch.manual_seed(0)
+    small = remove_channels(_randomize_bn(SmallCNN(dims=1)), {"conv1": range(16)})
+    batches = _bn_batches(3, seed=1)
+    seen = []
+    handle = small.bn2.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    recalibrate_batchnorm(small, batches)
+    handle.remove()
+    expected = torch.stack([x.mean(dim=(0, 2)) for x in seen]).mean(0)  # (64,)
+    torch.testing.assert_close(small.bn2.running_mean, expected)
+    assert int(small.bn2.num_batches_tracked) == 3
+
+
+def test_recalibrate_bad_input():
+    with pytest.raises(ValueError, match="no batch-norm"):
+        recalibrate_batchnorm(LeNet300100(), _bn_batches())
+    model = _randomize_bn(SmallCNN(dims=1))
+    before = model.bn1.running_mean.clone()
+    with pytest.raises(ValueError, match="no batch was given"):
+        recalibrate_batchnorm(model, [])
+    torch.testing.assert_close(model.bn1.running_mean, before)  # left as it was
+    with pytest.raises(ValueError, match="max_batches"):
+        recalibrate_batchnorm(model, _bn_batches(), max_batches=0)
+    assert recalibrate_batchnorm(model, _bn_batches(5), max_batches=2) == 2

@@ -9,17 +9,23 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from chapter11.dynamic import (
     DynamicSparsity,
+    GradualMagnitude,
     cosine_drop_fraction,
+    dense_macs,
     drop,
     drop_loop,
     grow,
     grow_loop,
+    gradual_sparsity,
+    inference_flops,
     layer_sparsities,
     layer_sparsities_loop,
     random_mask,
     random_masks,
     reset_optimizer_state,
     train_sparse,
+    training_flops,
+    training_flops_loop,
 )
 from chapter11.masks import masks_of
 from chapter11.models import LeNet300100, SmallCNN
@@ -348,14 +354,210 @@ def test_callback_bad_input():
 def test_train_sparse_keeps_the_target_sparsity(method):
     torch.manual_seed(0)
     model = LeNet300100()
-    history, cb = train_sparse(model, _data(), method, sparsity=0.9, epochs=2, update_every=3, progress_bar=False)
+    run = train_sparse(model, _data(), method, sparsity=0.9, epochs=2, update_every=3, progress_bar=False)
     masks = masks_of(model)
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     assert abs(1 - kept / total - 0.9) < 1e-3
-    assert len(history.losses) == 16
-    assert (cb is None) == (method == "static")
-    if cb is not None:
-        assert [r["step"] for r in cb.history] == [3, 6, 9]  # end_step = 0.75 * 16 = 12
+    assert len(run.history.losses) == 16
+    assert (run.updater is None) == (method == "static")
+    if run.updater is not None:
+        assert [r["step"] for r in run.updater.history] == [3, 6, 9]  # end_step = 0.75 * 16 = 12
     with pytest.raises(ValueError, match="method"):
         train_sparse(LeNet300100(), _data(), "prune")
+
+
+# ---------------------------------------------------------------- issue 13: validation
+
+
+@pytest.mark.parametrize("fn", [drop, drop_loop, grow, grow_loop])
+@pytest.mark.parametrize("bad", [0.5, 2.0, -1.0, float("nan")])
+def test_drop_and_grow_refuse_masks_that_are_not_0_1(fn, bad):
+    mask = torch.tensor([1.0, bad, 0.0, 1.0])
+    with pytest.raises(ValueError, match="mask"):
+        fn(torch.tensor([0.3, 0.2, 0.1, 0.4]), mask, 1)
+
+
+@pytest.mark.parametrize("fn", [grow, grow_loop])
+def test_grow_refuses_nan_gradients(fn):
+    # Before the fix, NaN sorted as the largest score and was grown.
+    with pytest.raises(ValueError, match="NaN"):
+        fn(torch.tensor([float("nan"), 0.1, 0.2]), torch.tensor([0.0, 0.0, 1.0]), 1)
+
+
+@pytest.mark.parametrize("fn", [drop, drop_loop])
+def test_drop_refuses_nan_weights(fn):
+    with pytest.raises(ValueError, match="NaN"):
+        fn(torch.tensor([float("nan"), 0.1, 0.2]), torch.tensor([1.0, 1.0, 0.0]), 1)
+
+
+def test_rigl_update_refuses_a_nan_dense_gradient():
+    model = LeNet300100()
+    random_masks(model, 0.9, "erk", seed=0)
+    with torch.no_grad():
+        model.fc3.bias[0] = float("nan")  # the loss, and every gradient, is NaN
+    cb = DynamicSparsity(model, "rigl", update_every=1, end_step=10)
+    with pytest.raises(ValueError, match="NaN"):
+        cb(1, model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 40), torch.randint(0, 10, (4,)))
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((0, True, 10), "alpha"),  # a bool is not a fraction (used to return 1.0)
+        ((0, float("nan"), 10), "alpha"),
+        ((0, -0.1, 10), "alpha"),
+        ((0, "0.3", 10), "alpha"),
+        ((-1, 0.3, 10), "step"),
+        ((1.5, 0.3, 10), "step"),
+        ((True, 0.3, 10), "step"),
+        ((0, 0.3, 0), "end_step"),
+        ((0, 0.3, float("nan")), "end_step"),
+        ((0, 0.3, 10.0), "end_step"),
+    ],
+)
+def test_cosine_drop_fraction_refuses_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        cosine_drop_fraction(*args)
+
+
+def test_cosine_drop_fraction_accepts_numpy_integers():
+    import numpy as np
+
+    assert cosine_drop_fraction(np.int64(50), np.float64(0.3), np.int64(100)) == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize("end_step", [float("nan"), 0, 2.5, float("inf")])
+def test_dynamic_sparsity_refuses_bad_end_step(end_step):
+    model = LeNet300100()
+    random_masks(model, 0.5)
+    with pytest.raises(ValueError, match="end_step"):
+        DynamicSparsity(model, end_step=end_step)
+
+
+# ---------------------------------------------------------------- pruning from dense
+
+
+def test_gradual_sparsity_matches_the_cubic_schedule_of_chapter11_schedules():
+    from chapter11.schedules import cubic_sparsity
+
+    steps = list(range(0, 60))
+    ours = [gradual_sparsity(t, 0.9, 10, 50) for t in steps]
+    theirs = cubic_sparsity(steps, 0.9, 0.0, t0=10, n=40, dt=1)
+    assert ours == pytest.approx(theirs, abs=1e-12)
+    with pytest.raises(ValueError, match="end_step"):
+        gradual_sparsity(5, 0.9, 10, 10)
+
+
+def test_gradual_magnitude_shrinks_masks_to_the_erk_targets():
+    torch.manual_seed(0)
+    model = LeNet300100()
+    run = train_sparse(model, _data(), "gradual", sparsity=0.9, epochs=3, update_every=4, prune_start=0.25, progress_bar=False)
+    cb = run.updater
+    assert isinstance(cb, GradualMagnitude)
+    # 24 steps: start 6, end 18, every 4 -> 10, 14, 18
+    assert [r["step"] for r in cb.history] == [10, 14, 18]
+    targets = layer_sparsities({n: p.shape for n, p in model.named_parameters() if n.endswith("weight")}, 0.9, "erk")
+    for name, m in masks_of(model).items():
+        assert int(m.sum()) == round((1 - targets[name]) * m.numel())
+    # densities logged per step never grow, start dense, end at the targets
+    d = run.densities
+    assert d.shape == (24, 3) and (d[0] == 1).all()
+    assert ((d[1:] - d[:-1]) <= 0).all()
+    assert (d[:10] == 1).all() and not (d[10] == 1).all()  # step 10's update shows from step 11 on
+    assert not run.dense_gradient.any()
+
+
+def test_gradual_magnitude_removes_the_smallest_active_weights():
+    torch.manual_seed(0)
+    model = LeNet300100()
+    cb = GradualMagnitude(model, 0.8, start_step=0, end_step=2, update_every=1)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("weight")}
+    cb(1, model, None, None, None)
+    pruned_layers = 0
+    for name, m in masks_of(model).items():
+        w = weights[name].abs()
+        if (m == 0).any():
+            assert w[m == 1].min() >= w[m == 0].max()
+            pruned_layers += 1
+    assert pruned_layers == 2  # at s(1) = 0.7, ERK leaves the 10x100 output layer dense
+
+
+# ---------------------------------------------------------------- training FLOPs
+
+
+def test_dense_macs_agree_with_torch_flop_counter():
+    from chapter11.structured.channels import count_flops
+
+    for model, x in [(LeNet300100(), torch.zeros(1, 40)), (SmallCNN(dims=1), torch.zeros(1, 40)), (SmallCNN(dims=2), torch.zeros(1, 1, 8, 8))]:
+        macs = dense_macs(model.eval(), x)
+        assert set(macs) == {n for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
+        assert 2 * sum(macs.values()) == count_flops(model, x)
+    cnn = dense_macs(SmallCNN(dims=1), torch.zeros(7, 40))  # per example, whatever the batch
+    assert cnn == {"conv1.weight": 40 * 32 * 5, "conv2.weight": 20 * 64 * 32 * 3, "conv3.weight": 10 * 64 * 64 * 3, "fc.weight": 640}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_training_flops_loop_equals_vectorised(seed):
+    g = torch.Generator().manual_seed(seed)
+    macs = {"a": 100, "b": 2500, "c": 40}
+    rows = torch.rand(30, 3, generator=g, dtype=torch.float64)
+    flags = (torch.rand(30, generator=g) < 0.2).tolist()
+    as_dicts = [dict(zip(macs, r.tolist())) for r in rows]
+    loop = training_flops_loop(macs, as_dicts, flags)
+    assert loop == pytest.approx(training_flops(macs, rows, flags), rel=1e-12)
+    assert loop == pytest.approx(training_flops(macs, as_dicts, flags), rel=1e-12)
+
+
+def test_training_flops_match_the_rigl_paper_closed_forms():
+    # Evci et al. (2020), appendix H: static/SET cost 3 f_S per step; RigL averages
+    # (3 f_S dT + 2 f_S + f_D) / (dT + 1) per step when every (dT + 1)-th step takes a dense gradient.
+    macs = {"fc1": 12000, "fc2": 30000, "fc3": 1000}
+    d = {"fc1": 0.2, "fc2": 0.05, "fc3": 0.5}
+    f_s = sum(d[k] * macs[k] for k in macs)
+    f_d = sum(macs.values())
+    dT, periods = 4, 25
+    steps = periods * (dT + 1)
+    flags = [(t + 1) % (dT + 1) == 0 for t in range(steps)]
+    expected = (3 * f_s * dT + 2 * f_s + f_d) / (dT + 1) / (3 * f_d)
+    for fn in (training_flops_loop, training_flops):
+        assert fn(macs, [d] * steps, flags) == pytest.approx(expected)
+        assert fn(macs, [d] * steps, [False] * steps) == pytest.approx(f_s / f_d)
+        assert fn(macs, [dict.fromkeys(macs, 1.0)] * 3, [True, False, True]) == pytest.approx(1.0)
+    assert inference_flops(macs, d) == pytest.approx(f_s / f_d)
+
+
+def test_training_flops_bad_input():
+    with pytest.raises(ValueError, match="one dense_gradient flag per step"):
+        training_flops({"a": 1}, [{"a": 0.5}], [])
+    with pytest.raises(ValueError, match="must map exactly"):
+        training_flops_loop({"a": 1}, [{"b": 0.5}], [False])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        training_flops({"a": 1}, [{"a": 1.5}], [False])
+    with pytest.raises(ValueError, match="macs"):
+        training_flops({}, [], [])
+
+
+@pytest.mark.parametrize("method", ["dense", "static", "set", "rigl", "gradual"])
+def test_train_sparse_logs_what_each_step_cost(method):
+    torch.manual_seed(0)
+    model = LeNet300100()
+    run = train_sparse(model, _data(), method, sparsity=0.8, epochs=2, update_every=3, prune_start=0.25, progress_bar=False)
+    macs = dense_macs(model, torch.zeros(1, 40))
+    assert run.densities.shape == (16, 3) and run.dense_gradient.shape == (16,)
+    if method == "dense":
+        assert not masks_of(model) and run.training_flops(macs) == 1.0
+        return
+    final = {n: float(m.sum()) / m.numel() for n, m in masks_of(model).items()}
+    erk = layer_sparsities({n: p.shape for n, p in model.named_parameters() if n.endswith("weight")}, 0.8, "erk")
+    sparse = inference_flops(macs, final)
+    assert sparse == pytest.approx(inference_flops(macs, {n: 1 - s for n, s in erk.items()}), abs=1e-3)
+    flops = run.training_flops(macs)
+    if method in ("static", "set"):
+        assert flops == pytest.approx(sparse) and not run.dense_gradient.any()
+    elif method == "rigl":
+        # dense gradients exactly on the update steps 3, 6, 9 (end_step 12)
+        assert torch.nonzero(run.dense_gradient).flatten().add(1).tolist() == [3, 6, 9]
+        assert flops == pytest.approx(sparse + 3 * (1 - sparse) / 3 / 16)  # three steps at 2 f_S + f_D
+    else:
+        assert sparse < flops < 1.0

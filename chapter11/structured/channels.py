@@ -9,14 +9,21 @@ kept apart as in Torch-Pruning:
      S_j = ||W_j||_p over the j-th output slice;
    - first-order Taylor importance (Molchanov et al., 2019): the loss change
      when unit j is removed is about I_j = (sum_i g_i w_i)^2, the sum running
-     over the weights (and bias) of unit j, averaged over mini-batches.
+     over the weights (and bias) of unit j, averaged over mini-batches;
+   - the batch-norm scale |gamma_j| of the norm after unit j (network
+     slimming, Liu et al., 2017), and random scores as the control.
 2. **Plan** (`channels_to_remove`, `plan_by_scores`): per layer, the indices
    of the lowest-scoring units, `{"conv2": [3, 7, ...]}`.
 3. **Apply**: `mask_channels` zeroes those units in place (the model keeps its
    shape, so nothing gets faster); `remove_channels` returns a smaller dense
    copy in which each *dependency group* shrinks together: the producer layer
    (its rows), the batch-norm that follows it, and the consumer layer(s) that
-   read its output (their input columns).
+   read its output (their input columns). Masks (`<param>_mask`) are sliced
+   along, so unstructured zeros survive the removal and later fine-tuning.
+4. **Recover**: `recalibrate_batchnorm` re-estimates every batch-norm's
+   running statistics on a few training batches (train-mode forward passes,
+   no gradient step), since the layers after a removal see new inputs; then
+   fine-tune or distil (`chapter11.distill`).
 
 Groups are known for `LeNet300100` (fc1 -> fc2 -> fc3), `SmallCNN`
 (conv -> bn -> conv, conv3 -> bn3 -> fc), the MLPs inside `TransformerClassifier`
@@ -33,7 +40,9 @@ But: the activation between producer and consumer must map 0 to 0 (ReLU,
 GELU) for soft masking and physical removal to agree; grouped/depthwise convs,
 flatten-based heads (several input columns per channel) and the residual
 (outer) channels of ResNet are not handled; the FLOP prediction ignores memory
-traffic and framework overhead, which dominate at small sizes.
+traffic and framework overhead, which dominate at small sizes. The bn_scale
+criterion here reads the gamma of a normally trained model; network slimming
+proper also trains with an L1 penalty on gamma, which is not implemented.
 """
 
 from __future__ import annotations
@@ -42,10 +51,12 @@ import argparse
 import copy
 import json
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -62,10 +73,15 @@ __all__ = [
     "channels_to_remove_loop",
     "channels_to_remove",
     "dependency_groups",
+    "bn_scale_importance_loop",
+    "bn_scale_importance",
+    "CRITERIA",
     "channel_scores",
     "plan_by_scores",
     "mask_channels",
     "remove_channels",
+    "recalibrate_batchnorm_loop",
+    "recalibrate_batchnorm",
     "count_macs_loop",
     "count_macs",
     "count_flops",
@@ -219,8 +235,25 @@ def _check_scores(scores, name: str) -> torch.Tensor:
     return scores.detach().float().cpu()
 
 
+def _normalize_amount(amount):
+    """Python int for any integer (numpy ints too), float for any real; bools refused.
+
+    torch.nn.utils.prune's rule: an integer is a count, a float a fraction. A
+    numpy integer is an integer, so `np.int64(2)` removes 2 units, not 200%.
+    """
+    if isinstance(amount, (bool, np.bool_)) or (isinstance(amount, torch.Tensor) and amount.dtype == torch.bool):
+        raise TypeError(f"amount must be an int count or a float fraction, got a bool ({amount!r})")
+    if isinstance(amount, torch.Tensor) and amount.numel() == 1:
+        amount = amount.item()
+    if isinstance(amount, numbers.Integral):
+        return int(amount)
+    if isinstance(amount, numbers.Real):
+        return float(amount)
+    raise TypeError(f"amount must be an int count or a float fraction, got {type(amount).__name__}")
+
+
 def _check_removal(amount, n: int, name: str) -> int:
-    k = check_amount(amount, n)
+    k = check_amount(_normalize_amount(amount), n)
     if k >= n:
         raise ValueError(f"amount={amount} would remove all {n} units of {name}; keep at least one")
     return k
@@ -313,6 +346,41 @@ def _check_plan(model: nn.Module, plan, groups: dict[str, Group]) -> dict[str, l
 # ---------------------------------------------------------------- scores at model level
 
 
+def bn_scale_importance_loop(norm: nn.Module) -> torch.Tensor:
+    """S_j = |gamma_j| of the batch-norm after unit j (network slimming, Liu et al., 2017).
+
+    Batch-norm multiplies channel j by gamma_j after normalising it, so a
+    channel with gamma_j near 0 sends almost nothing on whatever its weights.
+
+    >>> bn = nn.BatchNorm1d(3); bn.weight.data = torch.tensor([0.5, -2.0, 0.0])
+    >>> bn_scale_importance_loop(bn)
+    tensor([0.5000, 2.0000, 0.0000])
+    """
+    gamma = _check_norm(norm)
+    return torch.tensor([abs(g) for g in gamma.tolist()], dtype=gamma.dtype)
+
+
+def bn_scale_importance(norm: nn.Module) -> torch.Tensor:
+    """Vectorised `bn_scale_importance_loop`.
+
+    >>> bn = nn.BatchNorm1d(2); bn.weight.data = torch.tensor([-0.25, 1.0])
+    >>> bn_scale_importance(bn)
+    tensor([0.2500, 1.0000])
+    """
+    return _check_norm(norm).abs()  # (out,)
+
+
+def _check_norm(norm) -> torch.Tensor:
+    if not isinstance(norm, _NORM):
+        raise TypeError(f"norm must be a BatchNorm layer, got {type(norm).__name__}")
+    if not norm.affine:
+        raise ValueError("norm has no scale gamma (affine=False); the bn_scale criterion needs one")
+    return norm.weight.detach()
+
+
+CRITERIA = ("l1", "l2", "taylor", "bn_scale", "random")
+
+
 def channel_scores(
     model: nn.Module,
     criterion: str = "l1",
@@ -320,18 +388,30 @@ def channel_scores(
     loss_fn: Callable | None = None,
     groups: Mapping[str, Group] | None = None,
     max_batches: int | None = None,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """{producer: (out,) scores} for every prunable layer.
+    """{producer: (out,) scores} for every prunable layer; the lowest scores go first.
 
-    `criterion` is "l1", "l2" (filter norms, no data) or "taylor" (needs
-    `batches` of (x, y); the model is left in eval mode with zero grads).
+    `criterion` is one of `CRITERIA`: "l1", "l2" (filter norms, no data),
+    "taylor" (needs `batches` of (x, y); the model is left in eval mode with
+    zero grads), "bn_scale" (|gamma| of the batch-norm after each producer;
+    every group needs a norm) or "random" (uniform scores from `seed`, the
+    control that ignores the model).
     """
     groups = _groups_for(model, groups)
     if criterion in ("l1", "l2"):
         p = 1 if criterion == "l1" else 2
         return {name: filter_norms(model.get_submodule(name).weight, p) for name in groups}
+    if criterion == "bn_scale":
+        missing = [name for name, g in groups.items() if g.norm is None]
+        if missing:
+            raise ValueError(f"criterion 'bn_scale' needs a batch-norm after every producer; {missing} have none")
+        return {name: bn_scale_importance(model.get_submodule(g.norm)).float().cpu() for name, g in groups.items()}
+    if criterion == "random":
+        generator = torch.Generator().manual_seed(seed)
+        return {name: torch.rand(model.get_submodule(name).weight.shape[0], generator=generator) for name in groups}
     if criterion != "taylor":
-        raise ValueError(f"criterion must be 'l1', 'l2' or 'taylor', got {criterion!r}")
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if batches is None:
         raise ValueError("batches: the 'taylor' criterion needs batches of (x, y) to compute gradients")
     loss_fn = loss_fn or F.cross_entropy
@@ -414,6 +494,31 @@ def _take(tensor: torch.Tensor | None, keep: torch.Tensor, dim: int) -> torch.Te
     return None if tensor is None else tensor.detach().index_select(dim, keep).clone()  # keep only the listed slices
 
 
+_MASK = "_mask"
+
+
+def _carry_masks(old: nn.Module, new: nn.Module, slices: Mapping[str, int | None], keep: torch.Tensor) -> None:
+    """Copy `<param>_mask` buffers from `old` to `new`, sliced like their parameters.
+
+    `slices[param]` is the dim whose units are kept (`keep`), or None for a
+    parameter that keeps its shape (a consumer's bias). The new weights are
+    multiplied by their masks, so a pruned weight stays exactly zero.
+    """
+    for buffer_name, mask in old.named_buffers(recurse=False):
+        if not buffer_name.endswith(_MASK):
+            continue
+        param_name = buffer_name[: -len(_MASK)]
+        if param_name not in slices:
+            raise ValueError(f"cannot carry mask {buffer_name!r} of a {type(old).__name__} through channel removal")
+        param = getattr(new, param_name, None)
+        if param is None:
+            continue
+        dim = slices[param_name]
+        sliced = mask.detach().clone() if dim is None else _take(mask, keep.to(mask.device), dim)
+        new.register_buffer(buffer_name, sliced)
+        param.data.mul_(sliced)
+
+
 def _new_producer(m: nn.Module, keep: torch.Tensor) -> nn.Module:
     n = len(keep)
     if isinstance(m, nn.Linear):
@@ -427,6 +532,7 @@ def _new_producer(m: nn.Module, keep: torch.Tensor) -> nn.Module:
     new.weight.data = _take(m.weight, keep, 0)  # (n, in, *k)
     if m.bias is not None:
         new.bias.data = _take(m.bias, keep, 0)  # (n,)
+    _carry_masks(m, new, {"weight": 0, "bias": 0}, keep)
     return new.train(m.training)
 
 
@@ -443,6 +549,7 @@ def _new_consumer(m: nn.Module, keep: torch.Tensor) -> nn.Module:
     new.weight.data = _take(m.weight, keep, 1)  # (out, n, *k)
     if m.bias is not None:
         new.bias.data = m.bias.detach().clone()
+    _carry_masks(m, new, {"weight": 1, "bias": None}, keep)
     return new.train(m.training)
 
 
@@ -456,7 +563,9 @@ def _new_norm(m: nn.Module, keep: torch.Tensor) -> nn.Module:
         new.running_mean.copy_(m.running_mean[keep])
         new.running_var.copy_(m.running_var[keep])
         new.num_batches_tracked.copy_(m.num_batches_tracked)
-    return new.to(m.running_mean.dtype if m.running_mean is not None else torch.float32).train(m.training)
+    new = new.to(m.running_mean.dtype if m.running_mean is not None else torch.float32)
+    _carry_masks(m, new, {"weight": 0, "bias": 0}, keep)
+    return new.train(m.training)
 
 
 def _check_conv(m: nn.Module) -> None:
@@ -473,8 +582,11 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def remove_channels(model: nn.Module, plan: Mapping[str, Sequence[int]], groups=None, inplace: bool = False) -> nn.Module:
     """A smaller dense model without the planned units; dependent layers shrink together.
 
-    Returns a copy unless `inplace=True`. Masks from `mask_channels` on the
-    touched layers are dropped (the removed units are gone instead).
+    Returns a copy unless `inplace=True`. Masks (`<param>_mask` buffers, from
+    `chapter11.masks.apply_masks`, unstructured pruning or `mask_channels`)
+    are sliced along with their weights: the producer's and the norm's masks
+    lose the removed rows, each consumer's weight mask the removed input
+    columns, so fine-tuning the smaller model keeps every pruned weight at zero.
 
     >>> from chapter11.models import LeNet300100
     >>> small = remove_channels(LeNet300100(), {"fc1": range(100), "fc2": [0]})
@@ -500,6 +612,129 @@ def remove_channels(model: nn.Module, plan: Mapping[str, Sequence[int]], groups=
         for c in g.consumers:
             _replace(model, c, _new_consumer(model.get_submodule(c), keep))
     return model
+
+
+# ---------------------------------------------------------------- batch-norm recalibration
+
+
+def _norms(model: nn.Module) -> dict[str, nn.Module]:
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, _NORM) and m.track_running_stats}
+    if not norms:
+        raise ValueError(f"model: {type(model).__name__} has no batch-norm layer with running statistics to recalibrate")
+    return norms
+
+
+def _check_max_batches(max_batches) -> int | None:
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1):
+        raise ValueError(f"max_batches must be None or an int >= 1, got {max_batches!r}")
+    return max_batches
+
+
+def _batches_of(batches: Iterable, max_batches: int | None, device):
+    seen = 0
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        yield x.to(device)
+        seen += 1
+        if max_batches is not None and seen >= max_batches:
+            return
+
+
+@torch.no_grad()
+def recalibrate_batchnorm_loop(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> int:
+    """Re-estimate each batch-norm's running mean and variance on `batches`, with plain loops.
+
+    After channels are removed, the next layer's outputs change, and the
+    running statistics its batch-norm learnt on the dense model are stale.
+    Recalibration runs the model forward in train mode without any gradient
+    step and sets, per channel c, running_mean_c = average over batches of
+    the batch mean of channel c, and running_var_c = average of the unbiased
+    batch variances (what `torch.optim.swa_utils.update_bn` and momentum=None
+    compute). Weights do not change. Returns the number of batches used.
+
+    >>> bn = nn.BatchNorm1d(1)
+    >>> recalibrate_batchnorm_loop(bn, [torch.tensor([[1.0], [3.0]]), torch.tensor([[5.0], [5.0]])])
+    2
+    >>> bn.running_mean, bn.running_var  # means 2 and 5, unbiased variances 2 and 0
+    (tensor([3.5000]), tensor([1.]))
+    """
+    norms = _norms(model)
+    max_batches = _check_max_batches(max_batches)
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in norms}
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: inputs[name].append(args[0].detach().cpu()))
+               for name, m in norms.items()]
+    was_training = model.training
+    saved = {name: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for name, m in norms.items()}
+    device = next(model.parameters()).device
+    model.train()
+    seen = 0
+    try:
+        for x in _batches_of(batches, max_batches, device):
+            model(x)  # in train mode each norm normalises with the batch's own statistics
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if seen == 0:
+        for name, m in norms.items():
+            m.running_mean.copy_(saved[name][0]); m.running_var.copy_(saved[name][1]); m.num_batches_tracked.copy_(saved[name][2])
+        raise ValueError("batches: no batch was given")
+    for name, m in norms.items():
+        means, variances = [], []
+        for c in range(m.num_features):
+            mean_sum, var_sum = 0.0, 0.0
+            for x in inputs[name]:
+                values = x.transpose(0, 1)[c].flatten().tolist()  # channel c over batch and positions
+                mu = sum(values) / len(values)
+                mean_sum += mu
+                var_sum += sum((v - mu) ** 2 for v in values) / (len(values) - 1)
+            means.append(mean_sum / seen)
+            variances.append(var_sum / seen)
+        m.running_mean.copy_(torch.tensor(means))
+        m.running_var.copy_(torch.tensor(variances))
+        m.num_batches_tracked.fill_(seen)
+    return seen
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> int:
+    """Vectorised `recalibrate_batchnorm_loop`: reset the running statistics, then forward passes in train mode.
+
+    Momentum is set to None for the passes (a cumulative average, each batch
+    weighted equally) and restored afterwards, as are the model's mode and
+    its weights (untouched: no gradient is taken). `batches` yields x or
+    (x, y); `max_batches` caps how many are used.
+
+    >>> bn = nn.BatchNorm1d(1)
+    >>> recalibrate_batchnorm(bn, [(torch.tensor([[1.0], [3.0]]), None), (torch.tensor([[5.0], [5.0]]), None)])
+    2
+    >>> bn.running_mean, bn.running_var
+    (tensor([3.5000]), tensor([1.]))
+    """
+    norms = _norms(model)
+    max_batches = _check_max_batches(max_batches)
+    saved = {name: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for name, m in norms.items()}
+    for m in norms.values():
+        m.reset_running_stats()
+        m.momentum = None  # running stat = average over the batches seen since the reset
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.train()
+    seen = 0
+    try:
+        for x in _batches_of(batches, max_batches, device):
+            model(x)
+            seen += 1
+    finally:
+        for name, m in norms.items():
+            m.momentum = saved[name][0]
+        model.train(was_training)
+    if seen == 0:
+        for name, m in norms.items():
+            m.running_mean.copy_(saved[name][1]); m.running_var.copy_(saved[name][2]); m.num_batches_tracked.copy_(saved[name][3])
+        raise ValueError("batches: no batch was given")
+    return seen
 
 
 # ---------------------------------------------------------------- MACs and FLOPs
