@@ -15,6 +15,9 @@ still scaled by alpha * T^2.
   `chapter11.train.History`.
 - `lm_distillation_loss`: the same loss shaped for
   `chapter11.train.train_lm(..., teacher=teacher, loss_fn=...)`.
+- `distill_lm`: a recovery fine-tune of a pruned language model in which only
+  the parts you name (e.g. the blocks that were pruned) learn, from the dense
+  model's predictions on calibration text.
 
 But: logits only (no hidden-state or attention matching as in TinyBERT or
 DistilBERT's cosine loss), and the teacher is frozen.
@@ -29,9 +32,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .train import History, train
+from .train import History, train, train_lm
 
-__all__ = ["distillation_loss_loop", "distillation_loss", "lm_distillation_loss", "distill"]
+__all__ = ["distillation_loss_loop", "distillation_loss", "lm_distillation_loss", "distill", "distill_lm"]
 
 
 def _check(student_logits, teacher_logits, labels, temperature, alpha):
@@ -198,3 +201,66 @@ def distill(
         teacher.train(teacher_was_training)
     student.eval()
     return history
+
+
+def _selected(model: nn.Module, trainable) -> set[str]:
+    """Names of the parameters under the module (or parameter) names in `trainable`; None = all."""
+    names = [n for n, _ in model.named_parameters()]
+    if trainable is None:
+        return set(names)
+    if isinstance(trainable, str) or not isinstance(trainable, Iterable):
+        raise TypeError(f"trainable must be a list of module names (or None for all), got {trainable!r}")
+    trainable = list(trainable)
+    known = set(dict(model.named_modules())) | set(names)
+    unknown = [t for t in trainable if not isinstance(t, str) or t not in known]
+    if unknown or not trainable:
+        raise ValueError(f"trainable: unknown module names {unknown} (or an empty list); e.g. {names[0].rsplit('.', 1)[0]!r}")
+    return {n for n in names if any(n == t or n.startswith(t + ".") for t in trainable)}
+
+
+def distill_lm(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokens: torch.Tensor,
+    steps: int,
+    trainable: Iterable[str] | None = None,
+    block_size: int = 128,
+    batch_size: int = 2,
+    lr: float = 1e-4,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    seed: int = 0,
+    progress_bar: bool | None = None,
+) -> list[float]:
+    """Recover a pruned language model: `steps` of AdamW on `tokens`, only `trainable` learns.
+
+    `trainable` lists module names (e.g. `["model.layers.4", "model.layers.9.mlp"]`);
+    every other parameter is frozen for the run (no gradient, no optimizer
+    state) and its `requires_grad` flag is restored afterwards; None trains
+    everything. The loss is `distillation_loss` against the frozen `teacher`
+    (by default alpha=1: match the teacher's next-token distribution only).
+    Returns the loss of every step, as `chapter11.train.train_lm` does;
+    masks on the student stay enforced.
+    """
+    if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
+        raise TypeError(f"student and teacher must be nn.Modules, got {type(student).__name__} and {type(teacher).__name__}")
+    if student is teacher:
+        raise ValueError("teacher: is the student itself; pass a separate (e.g. dense, deep-copied) model")
+    loss_fn = lm_distillation_loss(temperature, alpha)
+    selected = _selected(student, trainable)
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    teacher_was_training = teacher.training
+    teacher.eval()
+    try:
+        params = []
+        for name, param in student.named_parameters():
+            param.requires_grad_(name in selected)
+            if name in selected:
+                params.append(param)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        return train_lm(student, tokens, steps, block_size=block_size, batch_size=batch_size, optimizer=optimizer,
+                        seed=seed, progress_bar=progress_bar, teacher=teacher, loss_fn=loss_fn)
+    finally:
+        for name, param in student.named_parameters():
+            param.requires_grad_(flags[name])
+        teacher.train(teacher_was_training)

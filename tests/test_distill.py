@@ -104,3 +104,34 @@ def test_lm_distillation_with_train_lm():
     losses = train_lm(student, tokens, steps=20, block_size=16, batch_size=8, teacher=teacher,
                       loss_fn=lm_distillation_loss(temperature=1.0, alpha=1.0), progress_bar=False)
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_distill_lm_trains_only_the_named_blocks():
+    from chapter11.distill import distill_lm
+
+    teacher = tiny_llama(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=32, seed=1)
+    student = tiny_llama(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=32, seed=2)
+    student.model.embed_tokens.weight.requires_grad_(False)  # a flag the run must give back as it was
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    tokens = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(0))
+    losses = distill_lm(student, teacher, tokens, steps=15, trainable=["model.layers.1", "model.layers.2.mlp"],
+                        block_size=16, batch_size=8, lr=3e-3, progress_bar=False)
+    assert len(losses) == 15 and losses[-1] < losses[0]
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("model.layers.1.", "model.layers.2.mlp.")) for n in changed)
+    assert any(n.startswith("model.layers.2.mlp.") for n in changed) and any(n.startswith("model.layers.1.self_attn.") for n in changed)
+    assert not student.model.embed_tokens.weight.requires_grad and student.model.layers[0].mlp.up_proj.weight.requires_grad
+    assert not teacher.training
+
+
+def test_distill_lm_errors():
+    from chapter11.distill import distill_lm
+
+    model = tiny_llama(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16)
+    tokens = torch.randint(0, 256, (200,))
+    with pytest.raises(ValueError, match="unknown module names"):
+        distill_lm(model, tiny_llama(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16), tokens, 1, trainable=["model.layers.7"])
+    with pytest.raises(TypeError, match="list of module names"):
+        distill_lm(model, tiny_llama(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16), tokens, 1, trainable="model")
+    with pytest.raises(ValueError, match="student itself"):
+        distill_lm(model, model, tokens, 1)

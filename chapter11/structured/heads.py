@@ -13,40 +13,62 @@ Covers three model families, found by their attribute names:
 - `chapter11.models.TransformerClassifier`: `blocks[i].attn.{q,k,v,o}`;
 - BERT-style encoders (all-MiniLM-L6-v2): `attention.self.{query,key,value}`
   and `attention.output.dense`;
-- LLaMA-style decoders (`LlamaForCausalLM`): `self_attn.{q,k,v,o}_proj`. With
-  grouped-query attention, only whole key/value groups can be removed.
+- LLaMA-style decoders (`LlamaForCausalLM`): `self_attn.{q,k,v,o}_proj`.
+
+Grouped-query attention (GQA, as in SmolLM2: 9 query heads share 3 key/value
+heads) repeats each key/value head for its group of query heads, so every
+group must keep the same number of query heads. Two kinds of plan are valid:
+remove the same number of query heads from every group (k/v stay), or remove
+whole groups (their k/v rows go too); any mix that leaves the kept groups
+even is fine. A group's importance is the same formula with one gate for the
+whole group, I_g = E_x |dL(x)/d xi_g| = E_x |sum_{h in g} dL(x)/d xi_h|
+(`per="group"`).
 
 Heads are always named by their index in the dense model (the "original"
 index), also after some were removed, so plans compose: removing head 3 and
 then head 5 of a layer is the same as removing {3, 5} at once.
 
-- `head_importance_loop` / `head_importance`: I_h per (layer, head).
+- `head_importance_loop` / `head_importance`: I_h per (layer, head), or I_g
+  per (layer, key/value group).
 - `mask_heads`: zero heads in place (soft); `remove_heads`: slice the q/k/v
   rows and o columns out (physical), giving a smaller model with the same
-  outputs as the soft-masked one.
-- `removal_order`, `plan_from_order`, `kept_heads`, `forward_macs`.
+  outputs as the soft-masked one. Unstructured masks (`weight_mask` buffers
+  from `chapter11.masks`) are sliced with their weights.
+- `removal_order` (single heads, or one head per group for GQA),
+  `group_removal_order` (whole key/value groups), `plan_from_order`,
+  `kept_heads`, `forward_macs`.
 - `save_pruned` / `load_pruned`: standard checkpoint files plus
-  `pruning_plan.json`, so uneven heads per layer survive a round trip.
+  `pruning_plan.json` (kept heads, MLP widths, file checksums), so uneven
+  heads per layer survive a round trip. The folder is replaced as a whole
+  (written beside it, then renamed into place), and loading checks every
+  file against the plan. For LLaMA models whose layers all keep the same
+  head counts, the saved config.json carries those counts, so plain
+  `from_pretrained` also works.
 
 But: no cross-attention-specific handling beyond what BERT's modules share,
 no iterative re-scoring inside `head_importance` (call it again after each
 removal for Michel's iterative variant), and `mask_heads` does not stop a
 later optimizer step from reviving a zeroed head: remove heads before
-fine-tuning, or re-mask.
+fine-tuning, or re-mask. Layer indices are positions: after
+`chapter11.structured.llm.remove_blocks`, layer 5 is the fifth block left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
+import operator
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -63,6 +85,7 @@ __all__ = [
     "remove_heads",
     "kept_heads",
     "removal_order",
+    "group_removal_order",
     "plan_from_order",
     "forward_macs",
     "save_pruned",
@@ -71,6 +94,7 @@ __all__ = [
 ]
 
 PLAN_FILE = "pruning_plan.json"
+PLAN_FORMAT = "chapter11.heads/2"
 _KEPT = "kept_heads"  # attribute on each attention module: original ids of the heads still there
 
 
@@ -85,7 +109,7 @@ class HeadLayer:
     names: tuple[tuple[nn.Module, str], ...]  # (owner, attribute) of q, k, v, o
     head_dim: int
     kind: str  # "ours" | "bert" | "llama"
-    group: int = 1  # query heads per key/value head (grouped-query attention)
+    group: int = 1  # query heads per key/value head now (grouped-query attention)
 
     def proj(self, i: int) -> nn.Linear:
         owner, attr = self.names[i]
@@ -106,6 +130,16 @@ class HeadLayer:
     @property
     def kept(self) -> list[int]:
         return list(getattr(self.attn, _KEPT, range(self.n_heads)))
+
+    @property
+    def original_group(self) -> int:
+        """Query heads per key/value head in the dense model: original head h is in group h // original_group."""
+        return getattr(self.attn, "original_group", self.group)
+
+    @property
+    def kept_groups(self) -> list[int]:
+        """Original ids of the key/value groups that still have query heads, in order."""
+        return sorted({h // self.original_group for h in self.kept})
 
 
 def attention_layers(model: nn.Module) -> list[HeadLayer]:
@@ -156,6 +190,26 @@ def kept_heads(model: nn.Module) -> dict[int, list[int]]:
 
 def _original_heads(layer: HeadLayer) -> int:
     return getattr(layer.attn, "original_heads", layer.n_heads)
+
+
+def _as_index(value, what: str) -> int:
+    """`value` as a Python int; bools, floats and non-integer tensors are refused.
+
+    >>> _as_index(np.int64(2), "head")
+    2
+    >>> _as_index(1.5, "head")
+    Traceback (most recent call last):
+    ...
+    TypeError: head must be an integer (int or numpy integer), got 1.5 (float)
+    """
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{what} must be an integer, got the boolean {value!r}; list head indices, not a keep/drop mask")
+    if isinstance(value, torch.Tensor) and (value.dim() != 0 or value.is_floating_point() or value.is_complex()):
+        raise TypeError(f"{what} must be an integer, got a tensor {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer (int or numpy integer), got {value!r} ({type(value).__name__})") from None
 
 
 # --------------------------------------------------------------------------- gates and importance
@@ -252,12 +306,40 @@ def _example(batch, i: int):
     return tuple(t[i : i + 1] for t in batch)
 
 
-def _scores_table(layers: list[HeadLayer], per_layer: list[torch.Tensor]) -> torch.Tensor:
-    """(L, H_max) in original head numbering, NaN where a head was removed."""
-    width = max(_original_heads(layer) for layer in layers)
+def _to_device(batch, device):
+    """The batch with every tensor on `device` (the library loops move batches to the model)."""
+    if isinstance(batch, Mapping):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(t.to(device) if isinstance(t, torch.Tensor) else t for t in batch)
+    return batch
+
+
+def _check_per(per) -> str:
+    if per not in ("head", "group"):
+        raise ValueError(f"per must be 'head' (one gate per query head) or 'group' (one gate per key/value group), got {per!r}")
+    return per
+
+
+def _unit_index(layer: HeadLayer, per: str) -> list[int]:
+    """For each current query head, the position of its unit (itself, or its key/value group) among the kept units."""
+    if per == "head":
+        return list(range(layer.n_heads))
+    groups = layer.kept_groups
+    return [groups.index(h // layer.original_group) for h in layer.kept]
+
+
+def _scores_table(layers: list[HeadLayer], per_layer: list[torch.Tensor], per: str = "head") -> torch.Tensor:
+    """(L, H_max) (or (L, G_max) for per="group") in original numbering, NaN where a head or group was removed."""
+    if per == "head":
+        width = max(_original_heads(layer) for layer in layers)
+        positions = [layer.kept for layer in layers]
+    else:
+        width = max(_original_heads(layer) // layer.original_group for layer in layers)
+        positions = [layer.kept_groups for layer in layers]
     table = torch.full((len(layers), width), float("nan"))
-    for row, (layer, scores) in enumerate(zip(layers, per_layer)):
-        table[row, layer.kept] = scores.detach().float().cpu()
+    for row, (where, scores) in enumerate(zip(positions, per_layer)):
+        table[row, where] = scores.detach().float().cpu()
     return table
 
 
@@ -278,6 +360,7 @@ def head_importance_loop(
     batches: Iterable,
     loss_fn: Callable | None = None,
     normalize: bool = False,
+    per: str = "head",
 ) -> torch.Tensor:
     """I_h = (1/N) sum_x |dL(x)/d xi_h| at xi = 1, one example x at a time.
 
@@ -287,6 +370,11 @@ def head_importance_loop(
     numbering (NaN for removed heads); `normalize=True` divides each layer by
     its L2 norm, as Michel et al. do before comparing layers.
 
+    `per="group"` scores key/value groups instead: one gate xi_g scales all
+    query heads of group g, so dL/d xi_g = sum_{h in g} dL/d xi_h, taken per
+    example before the absolute value. Returns (num_layers, num_groups).
+    Without grouped-query attention every head is its own group.
+
     >>> from chapter11.models import TransformerClassifier
     >>> _ = torch.manual_seed(0); model = TransformerClassifier(patch_size=4, max_len=10, n_layers=1, n_heads=2)
     >>> batch = (torch.randn(3, 40), torch.tensor([0, 1, 2]))
@@ -294,28 +382,36 @@ def head_importance_loop(
     torch.Size([1, 2])
     """
     layers = _start(model, batches)
+    per = _check_per(per)
     loss_fn = loss_fn or per_example_loss
+    units = [_unit_index(layer, per) for layer in layers]
+    totals = [[0.0] * (max(u) + 1) for u in units]
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    totals = [torch.zeros(layer.n_heads) for layer in layers]
     n = 0
     try:
         for batch in batches:
+            batch = _to_device(batch, device)
             for i in range(_batch_size(batch)):
-                gates = [torch.ones(layer.n_heads, requires_grad=True) for layer in layers]  # (H,) each
+                gates = [torch.ones(layer.n_heads, device=device, requires_grad=True) for layer in layers]  # (H,) each
                 with head_gates(model, gates):
                     loss = loss_fn(model, _example(batch, i)).sum()
                 grads = torch.autograd.grad(loss, gates, allow_unused=True)
                 for l, grad in enumerate(grads):
-                    if grad is not None:
-                        for h in range(layers[l].n_heads):
-                            totals[l][h] += abs(grad[h].item())
+                    if grad is None:
+                        continue
+                    per_unit = [0.0] * len(totals[l])
+                    for h in range(layers[l].n_heads):  # the chain rule: a group gate's gradient sums its heads'
+                        per_unit[units[l][h]] += grad[h].item()
+                    for u, value in enumerate(per_unit):
+                        totals[l][u] += abs(value)
                 n += 1
     finally:
         model.train(was_training)
     if n == 0:
         raise ValueError("batches: is empty")
-    table = _scores_table(layers, [t / n for t in totals])
+    table = _scores_table(layers, [torch.tensor(t) / n for t in totals], per)
     return _normalise(table) if normalize else table
 
 
@@ -324,12 +420,14 @@ def head_importance(
     batches: Iterable,
     loss_fn: Callable | None = None,
     normalize: bool = False,
+    per: str = "head",
 ) -> torch.Tensor:
     """Vectorised `head_importance_loop`: one backward pass per batch.
 
     Each example gets its own gate row, (B, H), so d(sum_x L(x)) / d xi[x, h]
     is exactly dL(x)/d xi_h (examples do not interact in eval mode), and the
-    absolute value is taken per example, as in the formula.
+    absolute value is taken per example, as in the formula. `per="group"`
+    sums each example's gradients over the heads of a key/value group first.
 
     >>> from chapter11.models import TransformerClassifier
     >>> _ = torch.manual_seed(0); model = TransformerClassifier(patch_size=4, max_len=10, n_layers=1, n_heads=2)
@@ -338,27 +436,33 @@ def head_importance(
     True
     """
     layers = _start(model, batches)
+    per = _check_per(per)
     loss_fn = loss_fn or per_example_loss
+    device = next(model.parameters()).device
+    units = [torch.tensor(_unit_index(layer, per), device=device) for layer in layers]
+    totals = [torch.zeros(int(u.max()) + 1) for u in units]
     was_training = model.training
     model.eval()
-    totals = [torch.zeros(layer.n_heads) for layer in layers]
     n = 0
     try:
         for batch in batches:
+            batch = _to_device(batch, device)
             B = _batch_size(batch)
-            gates = [torch.ones(B, layer.n_heads, requires_grad=True) for layer in layers]  # (B, H) each
+            gates = [torch.ones(B, layer.n_heads, device=device, requires_grad=True) for layer in layers]  # (B, H) each
             with head_gates(model, gates):
                 loss = loss_fn(model, batch).sum()
             grads = torch.autograd.grad(loss, gates, allow_unused=True)
             for l, grad in enumerate(grads):
                 if grad is not None:
-                    totals[l] += grad.detach().abs().sum(0).float().cpu()  # (H,)
+                    grad = grad.detach().float()  # (B, H)
+                    per_unit = torch.zeros(B, len(totals[l]), device=device).index_add_(1, units[l], grad)  # (B, units)
+                    totals[l] += per_unit.abs().sum(0).cpu()  # (units,)
             n += B
     finally:
         model.train(was_training)
     if n == 0:
         raise ValueError("batches: is empty")
-    table = _scores_table(layers, [t / n for t in totals])
+    table = _scores_table(layers, [t / n for t in totals], per)
     return _normalise(table) if normalize else table
 
 
@@ -373,17 +477,20 @@ def _check_plan(layers: list[HeadLayer], heads, argument: str) -> dict[int, list
         raise TypeError(f"{argument} must be a dict {{layer: [head, ...]}}, got {type(heads).__name__}")
     plan = {}
     for layer_id, ids in heads.items():
-        if isinstance(layer_id, bool) or not isinstance(layer_id, int):
-            raise TypeError(f"{argument}: layer indices must be int, got {layer_id!r}")
+        layer_id = _as_index(layer_id, f"{argument}: layer index {layer_id!r}")
         if not 0 <= layer_id < len(layers):
             raise ValueError(f"{argument}: unknown layer index {layer_id}; the model has layers 0..{len(layers) - 1}")
-        ids = [int(h) for h in ids]
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise TypeError(f"{argument}: layer {layer_id} needs a list of head indices, got {ids!r}")
+        ids = [_as_index(h, f"{argument}: layer {layer_id} head {h!r}") for h in ids]
         n = _original_heads(layers[layer_id])
         bad = [h for h in ids if not 0 <= h < n]
         if bad:
             raise ValueError(f"{argument}: layer {layer_id} has heads 0..{n - 1}, got {bad}")
         if len(set(ids)) != len(ids):
             raise ValueError(f"{argument}: layer {layer_id} lists a head twice: {ids}")
+        if layer_id in plan:
+            raise ValueError(f"{argument}: layer {layer_id} appears twice")
         plan[layer_id] = sorted(ids)
     return plan
 
@@ -401,41 +508,131 @@ def _mask_to_plan(layers: list[HeadLayer], head_mask) -> dict[int, list[int]]:
     return {l: [h for h in range(_original_heads(layers[l])) if values[l, h] == 0] for l in range(len(layers))}
 
 
-def removal_order(scores: torch.Tensor, min_heads: int = 1) -> list[tuple[int, int]]:
-    """(layer, head) pairs, least important first, never emptying a layer below `min_heads`.
+def _check_scores(scores, argument: str = "scores") -> torch.Tensor:
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        raise ValueError(f"{argument}: expected a (layers, heads) tensor, got {getattr(scores, 'shape', type(scores).__name__)}")
+    return scores.detach().float().cpu()
 
-    Ties keep row-major order; NaN scores (already removed heads) are skipped.
+
+def _check_count(value, name: str, minimum: int = 1) -> int:
+    value = _as_index(value, name)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def removal_order(scores: torch.Tensor, min_heads: int = 1, group: int = 1) -> list[tuple]:
+    """Units to remove, least important first, never leaving a layer below `min_heads` query heads.
+
+    `scores` is (layers, heads) in original numbering; NaN marks heads already
+    removed. Ties keep row-major order.
+
+    - `group=1` (plain multi-head attention): items are (layer, head).
+    - `group > 1` (grouped-query attention, `group` query heads per key/value
+      head in the dense model; head h is in group h // group): one step takes
+      the least important remaining query head of *every* group of a layer
+      still present, so the groups stay even. Items are
+      (layer, (head, head, ...)), scored by the sum of their heads' scores.
+      Every group keeps at least one head (see `group_removal_order` to drop
+      whole groups).
+
+    `plan_from_order(order[:k])` turns the first k items into a valid plan.
 
     >>> removal_order(torch.tensor([[0.5, 0.1], [0.2, 0.9]]))
     [(0, 1), (1, 0)]
     >>> removal_order(torch.tensor([[0.5, 0.1, 0.3], [0.2, 0.9, 0.4]]), min_heads=2)
     [(0, 1), (1, 0)]
+    >>> removal_order(torch.tensor([[0.5, 0.1, 0.3, 0.2], [0.2, 0.9, 0.4, 0.8]]), group=2)
+    [(0, (1, 3)), (1, (0, 2))]
     """
-    if scores.dim() != 2:
-        raise ValueError(f"scores: expected (layers, heads), got shape {tuple(scores.shape)}")
-    if min_heads < 1:
-        raise ValueError(f"min_heads must be >= 1, got {min_heads}")
+    scores = _check_scores(scores)
+    min_heads = _check_count(min_heads, "min_heads")
+    group = _check_count(group, "group")
+    L, H = scores.shape
     present = ~torch.isnan(scores)  # (L, H)
+    if group == 1:
+        left = present.sum(1).tolist()
+        flat = scores.nan_to_num(float("inf")).flatten()
+        order = []
+        for idx in torch.sort(flat, stable=True).indices.tolist():
+            l, h = divmod(idx, H)
+            if present[l, h] and left[l] > min_heads:
+                order.append((l, h))
+                left[l] -= 1
+        return order
+    if H % group:
+        raise ValueError(f"group: {H} heads per layer do not split into groups of {group}")
+    units = []  # (score, layer, step, heads)
+    for l in range(L):
+        members = []  # per group still present: its heads, least important first
+        for g in range(H // group):
+            heads = [h for h in range(g * group, (g + 1) * group) if present[l, h]]
+            if heads:
+                members.append(sorted(heads, key=lambda h: (scores[l, h].item(), h)))
+        if not members:
+            continue
+        sizes = {len(m) for m in members}
+        if len(sizes) > 1:
+            raise ValueError(f"scores: layer {l} has uneven groups (heads present per group: {[len(m) for m in members]}); "
+                             "a grouped-query layer always keeps the same number of heads in every group")
+        size = sizes.pop()
+        for step in range(size - 1):  # each group keeps at least one head
+            if len(members) * (size - step - 1) < min_heads:
+                break
+            heads = tuple(sorted(m[step] for m in members))
+            units.append((sum(scores[l, h].item() for h in heads), l, step, heads))
+    units.sort(key=lambda u: (u[0], u[1], u[2]))  # within a layer, step sums never decrease
+    return [(l, heads) for _, l, _, heads in units]
+
+
+def group_removal_order(group_scores: torch.Tensor, group: int, min_groups: int = 1,
+                        kept: Mapping[int, Iterable[int]] | None = None) -> list[tuple[int, tuple[int, ...]]]:
+    """Whole key/value groups to remove, least important first: items (layer, (heads of the group)).
+
+    `group_scores` is (layers, groups), e.g. `head_importance(model, batches, per="group")`;
+    NaN marks groups already removed. Group g holds original heads
+    g * group ... (g + 1) * group - 1; with `kept` (from `kept_heads(model)`)
+    only the heads still present are listed. Every layer keeps at least
+    `min_groups` groups.
+
+    >>> group_removal_order(torch.tensor([[0.3, 0.1, 0.2], [0.9, 0.05, 0.4]]), group=2)
+    [(1, (2, 3)), (0, (2, 3)), (0, (4, 5)), (1, (4, 5))]
+    """
+    group_scores = _check_scores(group_scores, "group_scores")
+    group = _check_count(group, "group")
+    min_groups = _check_count(min_groups, "min_groups")
+    present = ~torch.isnan(group_scores)  # (L, G)
     left = present.sum(1).tolist()
-    flat = scores.nan_to_num(float("inf")).flatten()
+    flat = group_scores.nan_to_num(float("inf")).flatten()
     order = []
     for idx in torch.sort(flat, stable=True).indices.tolist():
-        l, h = divmod(idx, scores.shape[1])
-        if present[l, h] and left[l] > min_heads:
-            order.append((l, h))
+        l, g = divmod(idx, group_scores.shape[1])
+        if present[l, g] and left[l] > min_groups:
+            heads = range(g * group, (g + 1) * group)
+            if kept is not None:
+                still = set(kept.get(l, heads))
+                heads = [h for h in heads if h in still]
+            order.append((l, tuple(heads)))
             left[l] -= 1
     return order
 
 
-def plan_from_order(order: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
-    """[(layer, head), ...] -> {layer: sorted heads}.
+def plan_from_order(order: Iterable[tuple]) -> dict[int, list[int]]:
+    """[(layer, head) or (layer, (head, ...)), ...] -> {layer: sorted heads}.
 
     >>> plan_from_order([(1, 3), (0, 2), (1, 0)])
     {0: [2], 1: [0, 3]}
+    >>> plan_from_order([(0, (1, 4, 7)), (0, (0, 5, 6))])
+    {0: [0, 1, 4, 5, 6, 7]}
     """
     plan: dict[int, list[int]] = {}
-    for l, h in order:
-        plan.setdefault(int(l), []).append(int(h))
+    for item in order:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"order: items must be (layer, head) or (layer, heads), got {item!r}")
+        l, heads = item
+        l = _as_index(l, f"order: layer {l!r}")
+        heads = heads if isinstance(heads, (tuple, list)) else [heads]
+        plan.setdefault(l, []).extend(_as_index(h, f"order: layer {l} head {h!r}") for h in heads)
     return {l: sorted(plan[l]) for l in sorted(plan)}
 
 
@@ -448,11 +645,11 @@ def _rows(layer: HeadLayer, heads: list[int]) -> tuple[list[int], list[int]]:
     pos = {h: i for i, h in enumerate(kept)}
     hd = layer.head_dim
     q_rows = [pos[h] * hd + j for h in heads if h in pos for j in range(hd)]
-    dropped = set(heads) | (set(range(_original_heads(layer))) - set(kept))
+    dropping = set(heads)
     kv_rows = []
-    kept_groups = sorted({h // layer.group for h in kept})
-    for g_pos, g in enumerate(kept_groups):
-        if all(g * layer.group + j in dropped for j in range(layer.group)):
+    for g_pos, g in enumerate(layer.kept_groups):
+        members = [h for h in kept if h // layer.original_group == g]
+        if all(h in dropping for h in members):
             kv_rows += [g_pos * hd + j for j in range(hd)]
     return q_rows, kv_rows
 
@@ -463,7 +660,8 @@ def mask_heads(model: nn.Module, head_mask) -> nn.Module:
     whole key/value group is dropped). The model keeps its shape.
 
     `head_mask` is a (num_layers, num_heads) tensor, 1 = keep and 0 = drop,
-    or a dict {layer: [heads to drop]} in original head numbering.
+    or a dict {layer: [heads to drop]} in original head numbering. Soft
+    masks need not keep grouped-query groups even (only removal does).
 
     >>> from chapter11.models import TransformerClassifier
     >>> model = mask_heads(TransformerClassifier(patch_size=4, n_heads=4, d_model=8), torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]]))
@@ -485,17 +683,57 @@ def mask_heads(model: nn.Module, head_mask) -> nn.Module:
 
 
 def _slice_linear(linear: nn.Linear, keep: list[int], dim: int) -> nn.Linear:
-    """A new Linear with only rows (dim=0) or columns (dim=1) `keep`."""
+    """Keep only rows (dim=0) or columns (dim=1) `keep` of `linear`, in place.
+
+    The weight and bias become new, smaller parameters (same `requires_grad`);
+    `weight_mask` / `bias_mask` buffers from `chapter11.masks` are sliced the
+    same way, so unstructured pruning survives structured removal. The module
+    object stays, with its hooks.
+
+    >>> layer = nn.Linear(3, 4)
+    >>> _slice_linear(layer, [0, 2], dim=0).weight.shape, layer.out_features
+    (torch.Size([2, 3]), 2)
+    """
+    if hasattr(linear, "weight_orig") or hasattr(linear, "bias_orig"):
+        raise ValueError(
+            "model: a projection carries torch.nn.utils.prune's weight_orig/weight_mask; "
+            "convert with chapter11.masks.from_torch_prune (or prune.remove) before removing heads or neurons"
+        )
     idx = torch.tensor(keep, dtype=torch.long, device=linear.weight.device)
-    weight = linear.weight.index_select(dim, idx)  # (out', in) or (out, in')
-    bias = None if linear.bias is None else (linear.bias.index_select(0, idx) if dim == 0 else linear.bias)
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    new.train(linear.training)
-    return new
+        old = linear.weight
+        linear.weight = nn.Parameter(old.index_select(dim, idx).clone(), requires_grad=old.requires_grad)  # (out', in) or (out, in')
+        if linear.bias is not None and dim == 0:
+            old = linear.bias
+            linear.bias = nn.Parameter(old.index_select(0, idx).clone(), requires_grad=old.requires_grad)  # (out',)
+        for name, buf in list(linear.named_buffers(recurse=False)):
+            if name == "weight_mask" or (name == "bias_mask" and dim == 0):
+                persistent = name not in linear._non_persistent_buffers_set
+                linear.register_buffer(name, buf.index_select(dim if name == "weight_mask" else 0, idx).clone(), persistent=persistent)
+    if dim == 0:
+        linear.out_features = len(keep)
+    else:
+        linear.in_features = len(keep)
+    return linear
+
+
+def _check_groups(layer: HeadLayer, l: int, ids: list[int]) -> None:
+    """Refuse a removal that would leave the key/value groups of a grouped-query layer uneven."""
+    if layer.original_group == 1:
+        return
+    after: dict[int, list[int]] = {}
+    for h in layer.kept:
+        if h not in ids:
+            after.setdefault(h // layer.original_group, []).append(h)
+    counts = {g: len(v) for g, v in after.items()}
+    if len(set(counts.values())) > 1:
+        first = min(after)
+        odd = next(g for g in sorted(after) if counts[g] != counts[first])
+        raise ValueError(
+            f"heads: layer {l}, key/value group {odd} would keep {counts[odd]} query heads {after[odd]}, but group {first} "
+            f"keeps {counts[first]} {after[first]}; grouped-query attention ({layer.original_group} query heads per key/value "
+            "head) needs the same number in every group: remove the same number of heads from each group, or whole groups"
+        )
 
 
 @torch.no_grad()
@@ -504,9 +742,12 @@ def remove_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> nn.Mod
 
     Works in place (copy.deepcopy first to keep the dense model). The q/k/v
     output rows and the o input columns of each removed head are sliced out,
-    so the result computes exactly what `mask_heads` gives, with fewer FLOPs.
-    Grouped-query attention: only whole key/value groups can go. Removing the
-    last head of a layer, an unknown layer or an already removed head raises.
+    so the result computes exactly what `mask_heads` gives, with fewer FLOPs;
+    unstructured masks on those layers are sliced along.
+    Grouped-query attention: every key/value group must keep the same number
+    of query heads; a group whose heads all go loses its k/v rows. Removing
+    the last head of a layer, an uneven plan, an unknown layer or an already
+    removed head raises, before anything changes.
 
     >>> from chapter11.models import TransformerClassifier
     >>> model = remove_heads(TransformerClassifier(patch_size=4, d_model=8, n_heads=4), {1: [0, 3]})
@@ -522,29 +763,23 @@ def remove_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> nn.Mod
             raise ValueError(f"heads: layer {l} heads {gone} were already removed (kept: {layer.kept})")
         if len(ids) >= layer.n_heads:
             raise ValueError(f"heads: removing {ids} would leave layer {l} with no heads; keep at least one (or drop the layer)")
-        if layer.group > 1:
-            for h in ids:
-                g = h // layer.group
-                members = list(range(g * layer.group, (g + 1) * layer.group))
-                if not all(m in ids or m not in layer.kept for m in members):
-                    raise ValueError(
-                        f"heads: layer {l} uses grouped-query attention ({layer.group} query heads per key/value head); "
-                        f"remove whole groups, e.g. {members} together, not head {h} alone"
-                    )
+        _check_groups(layer, l, ids)
     for l, ids in plan.items():
         layer = layers[l]
         if not ids:
             continue
         if not hasattr(layer.attn, "original_heads"):
             layer.attn.original_heads = layer.n_heads
-        new_kept = [h for h in layer.kept if h not in set(ids)]
+        if layer.kind == "llama" and not hasattr(layer.attn, "original_group"):
+            layer.attn.original_group = layer.group
+        drop = set(ids)
+        new_kept = [h for h in layer.kept if h not in drop]
+        new_groups = len({h // layer.original_group for h in new_kept})
         q_rows, kv_rows = _rows(layer, ids)
         q_keep = [r for r in range(layer.q.out_features) if r not in set(q_rows)]
-        k_out = layer.proj(1).out_features
-        kv_keep = [r for r in range(k_out) if r not in set(kv_rows)]
+        kv_keep = [r for r in range(layer.proj(1).out_features) if r not in set(kv_rows)]
         for i, keep, dim in ((0, q_keep, 0), (1, kv_keep, 0), (2, kv_keep, 0), (3, q_keep, 1)):
-            owner, attr = layer.names[i]
-            setattr(owner, attr, _slice_linear(getattr(owner, attr), keep, dim))
+            _slice_linear(layer.proj(i), keep, dim)
         setattr(layer.attn, _KEPT, new_kept)
         n = len(new_kept)
         if layer.kind == "ours":
@@ -552,6 +787,8 @@ def remove_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> nn.Mod
         elif layer.kind == "bert":
             layer.attn.num_attention_heads = n
             layer.attn.all_head_size = n * layer.head_dim
+        elif layer.kind == "llama":
+            layer.attn.num_key_value_groups = n // new_groups  # query heads per key/value head, read by repeat_kv / sdpa
     return model
 
 
@@ -629,7 +866,106 @@ def _import_class(path: str):
     module_name, _, name = path.rpartition(".")
     if not (module_name.startswith("transformers.") or module_name.startswith("chapter11.")):
         raise ValueError(f"pruning plan: refusing to import class {path!r}; only transformers.* and chapter11.* classes are rebuilt")
-    return getattr(importlib.import_module(module_name), name)
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError):
+        raise ValueError(f"pruning plan: cannot find class {path!r}") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk, so a rename never exposes half-written content after a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _quiet_hf():
+    """No transformers notices or progress bars (save_pretrained draws one per shard) inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _uniform_head_config(model: nn.Module, layers: list[HeadLayer]) -> dict:
+    """Config values with which plain `from_pretrained` rebuilds a LLaMA whose layers all kept
+    the same numbers of query and key/value heads; {} when that is not the case or nothing changed."""
+    config = getattr(model, "config", None)
+    if config is None or any(layer.kind != "llama" for layer in layers):
+        return {}
+    n_q = {layer.n_heads for layer in layers}
+    n_kv = {layer.proj(1).out_features // layer.head_dim for layer in layers}
+    head_dim = {layer.head_dim for layer in layers}
+    if len(n_q) != 1 or len(n_kv) != 1 or len(head_dim) != 1:
+        return {}
+    n_q, n_kv, head_dim = n_q.pop(), n_kv.pop(), head_dim.pop()
+    hidden = getattr(config, "hidden_size", None)
+    if not isinstance(hidden, int) or hidden % n_q or n_q % n_kv:  # LlamaConfig refuses such counts
+        return {}
+    if (n_q, n_kv) == (config.num_attention_heads, config.num_key_value_heads):
+        return {}
+    return {"num_attention_heads": n_q, "num_key_value_heads": n_kv, "head_dim": head_dim}
+
+
+def _write_checkpoint(model: nn.Module, folder: Path, layers: list[HeadLayer]) -> dict:
+    """Weights and config into `folder`; returns the plan entries the rebuild needs."""
+    extra: dict = {"config_heads": {}, "mlp_widths": None, "attn_implementation": None}
+    if hasattr(model, "save_pretrained"):
+        from .llm import mlp_widths
+
+        config = model.config
+        edits = _uniform_head_config(model, layers)
+        before = {k: getattr(config, k) for k in edits}
+        try:
+            for k, v in edits.items():
+                setattr(config, k, v)
+            with _quiet_hf():
+                model.save_pretrained(folder)
+        finally:
+            for k, v in before.items():
+                setattr(config, k, v)
+        extra["config_heads"] = before  # load_pruned builds the dense shape from these, then removes heads
+        extra["attn_implementation"] = getattr(config, "_attn_implementation", None)
+        widths = mlp_widths(model)
+        if widths and any(w != getattr(config, "intermediate_size", w) for w in widths):
+            extra["mlp_widths"] = widths
+        return extra
+    from ..models import TransformerClassifier
+    from safetensors.torch import save
+
+    if not isinstance(model, TransformerClassifier):
+        raise TypeError(f"model: save_pruned supports transformers models and TransformerClassifier, got {type(model).__name__}")
+    atomic_write_text(json.dumps(_our_config(model), indent=2), folder / "config.json")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write_bytes(save(state), folder / "model.safetensors")
+    return extra
+
+
+def _leftovers(folder: Path, kind: str) -> list[Path]:
+    """Sibling folders an interrupted save left behind: `.NAME.saving-*` or `.NAME.old-*`."""
+    if not folder.parent.is_dir():
+        return []
+    return sorted(p for p in folder.parent.glob(f".{folder.name}.{kind}-*") if p.is_dir())
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -637,39 +973,58 @@ def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
 
     `transformers` models go through `save_pretrained` (config.json,
     model.safetensors); a `TransformerClassifier` gets config.json with its
-    constructor arguments and model.safetensors. The plan records the class
-    and, per layer, the original ids of the heads kept. Each file lands
-    atomically (written to a temporary folder, then renamed into place).
+    constructor arguments and model.safetensors. The plan records the class,
+    per layer the original ids of the heads kept (and LLaMA MLP widths when
+    they differ), and the SHA-256 of every file.
+
+    The save is atomic per folder: everything is written to a hidden sibling
+    `.NAME.saving-*`, flushed, and renamed into place; an earlier save in
+    `path` is moved aside first and deleted after. A crash leaves either the
+    old folder, or no folder and the old one beside it (`load_pruned` names
+    it), never a mix. `path` must be new, empty, or an earlier save_pruned
+    folder: its whole content is replaced.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a folder path, got {type(path).__name__}")
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists():
+        if not folder.is_dir():
+            raise ValueError(f"path: {str(folder)!r} is a file, not a folder")
+        if any(folder.iterdir()) and not (folder / PLAN_FILE).is_file():
+            raise ValueError(f"path: {str(folder)!r} is a non-empty folder that save_pruned did not write; "
+                             "its content would be replaced, so choose a new or empty folder")
     layers = attention_layers(model)
-    plan = {
-        "format": "chapter11.heads/1",
-        "class": _class_path(model),
-        "original_heads": [_original_heads(layer) for layer in layers],
-        "kept_heads": {str(i): layer.kept for i, layer in enumerate(layers)},
-    }
-    if hasattr(model, "save_pretrained"):
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".save-") as tmp:
-            model.save_pretrained(tmp)
-            for file in sorted(Path(tmp).iterdir()):
-                if file.is_file():
-                    os.replace(file, folder / file.name)
-    else:
-        from ..models import TransformerClassifier
-        from safetensors.torch import save
-
-        if not isinstance(model, TransformerClassifier):
-            raise TypeError(f"model: save_pruned supports transformers models and TransformerClassifier, got {type(model).__name__}")
-        atomic_write_text(json.dumps(_our_config(model), indent=2), folder / "config.json")
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        atomic_write_bytes(save(state), folder / "model.safetensors")
-    atomic_write_text(json.dumps(plan, indent=2), folder / PLAN_FILE)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _leftovers(folder, "saving"):  # an earlier save that never finished
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))
+    try:
+        plan = {
+            "format": PLAN_FORMAT,
+            "class": _class_path(model),
+            "original_heads": [_original_heads(layer) for layer in layers],
+            "original_groups": [layer.original_group for layer in layers],
+            "kept_heads": {str(i): layer.kept for i, layer in enumerate(layers)},
+        }
+        plan.update(_write_checkpoint(model, tmp, layers))
+        plan["files"] = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        atomic_write_text(json.dumps(plan, indent=2), tmp / PLAN_FILE)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        _fsync(folder.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for stale in _leftovers(folder, "old"):
+        shutil.rmtree(stale, ignore_errors=True)
     return folder
 
 
@@ -688,41 +1043,121 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"path: no model.safetensors (or index) in {str(folder)!r}")
 
 
-def load_pruned(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a model written by `save_pruned`: original class, same heads removed, weights loaded.
-
-    Plain `from_pretrained` cannot do this when layers kept different numbers
-    of heads, since a config holds one head count for all layers.
-    """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a folder path, got {type(path).__name__}")
-    folder = Path(path)
+def _read_plan(folder: Path) -> dict:
+    """The plan file, with its structure checked (ValueError naming what is wrong)."""
     plan_file = folder / PLAN_FILE
     if not plan_file.is_file():
         raise FileNotFoundError(f"path: {str(folder)!r} holds no {PLAN_FILE}; was it written by save_pruned?")
-    plan = json.loads(plan_file.read_text())
-    cls = _import_class(plan["class"])
-    config_dict = json.loads((folder / "config.json").read_text())
-    if hasattr(cls, "config_class") and hasattr(cls, "from_pretrained"):
-        config = cls.config_class.from_pretrained(folder, local_files_only=True)
-        config._attn_implementation = config_dict.get("_attn_implementation", "eager") or "eager"
-        model = cls(config)
-    else:
-        model = cls(**config_dict)
-    layers = attention_layers(model)
-    if len(layers) != len(plan["kept_heads"]):
-        raise ValueError(f"path: plan has {len(plan['kept_heads'])} layers, rebuilt model has {len(layers)}")
-    removed = {
-        int(l): [h for h in range(n) if h not in set(kept)]
-        for (l, kept), n in zip(sorted(plan["kept_heads"].items(), key=lambda kv: int(kv[0])), plan["original_heads"])
-    }
-    remove_heads(model, {l: ids for l, ids in removed.items() if ids})
-    state = _read_state(folder)
+    try:
+        plan = json.loads(plan_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"pruning plan: {plan_file} is not valid JSON ({err})") from None
+    where = f"pruning plan {plan_file}"
+    if not isinstance(plan, dict) or not isinstance(plan.get("class"), str):
+        raise ValueError(f"{where}: expected an object with a 'class' entry")
+    original, kept = plan.get("original_heads"), plan.get("kept_heads")
+    if not isinstance(original, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in original):
+        raise ValueError(f"{where}: 'original_heads' must be a list of positive integers, got {original!r}")
+    if not isinstance(kept, dict) or sorted(kept, key=str) != sorted((str(i) for i in range(len(original))), key=str):
+        raise ValueError(f"{where}: 'kept_heads' must have one entry per layer '0'..'{len(original) - 1}', got keys {sorted(kept) if isinstance(kept, dict) else kept!r}")
+    for l, n in enumerate(original):
+        heads = kept[str(l)]
+        if (not isinstance(heads, list) or not heads or not all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < n for h in heads)
+                or heads != sorted(set(heads))):
+            raise ValueError(f"{where}: layer {l} must keep a sorted, non-empty list of distinct heads in 0..{n - 1}, got {heads!r}")
+    files = plan.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and Path(k).name == k and k not in ("", ".", "..") for k, v in files.items()):
+        raise ValueError(f"{where}: 'files' must map plain file names to SHA-256 digests")
+    return plan
+
+
+def _verify_files(folder: Path, plan: dict) -> None:
+    for name, digest in plan.get("files", {}).items():
+        file = folder / name
+        if not file.is_file():
+            raise ValueError(f"path: {name} is listed in {PLAN_FILE} but missing from {str(folder)!r}; the folder is incomplete")
+        if _sha256(file) != digest:
+            raise ValueError(f"path: {name} in {str(folder)!r} does not match the checksum in {PLAN_FILE}; "
+                             "the plan and the weights come from different saves, so the heads would be wrong")
+
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """load_state_dict, with mask buffers created first and clear errors for shape or key mismatches."""
+    from ..masks import SUFFIX
+
+    own = model.state_dict()
+    for key, value in state.items():
+        if key.endswith(SUFFIX) and key not in own:
+            module_name, _, buffer_name = key.rpartition(".")
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                continue
+            param = getattr(module, buffer_name[: -len(SUFFIX)], None)
+            if isinstance(param, nn.Parameter) and param.shape == value.shape:
+                module.register_buffer(buffer_name, torch.ones_like(param))
+    own = model.state_dict()
+    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if bad:
+        key, saved, planned = bad[0]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise ValueError(f"path: the weights in {str(folder)!r} do not match its {PLAN_FILE}: {key} is {saved} in the checkpoint "
+                         f"but {planned} under the plan{more}; the plan and the weights come from different models or saves")
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
     if missing or unexpected:
         raise ValueError(f"path: checkpoint does not match the rebuilt model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def load_pruned(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a model written by `save_pruned`: original class, same heads removed, weights loaded.
+
+    Plain `from_pretrained` cannot do this when layers kept different numbers
+    of heads, since a config holds one head count for all layers. Every file
+    is checked against the checksums in the plan first, and a plan that does
+    not fit the weights raises a ValueError that says so (never a silently
+    wrong model).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a folder path, got {type(path).__name__}")
+    folder = Path(path)
+    if not folder.is_dir():
+        left = [p.name for p in _leftovers(folder, "old") + _leftovers(folder, "saving")]
+        hint = f"; an interrupted save_pruned left {left} beside it (the .old-* folder is the previous save)" if left else ""
+        raise FileNotFoundError(f"path: no folder {str(folder)!r}{hint}")
+    plan = _read_plan(folder)
+    _verify_files(folder, plan)
+    cls = _import_class(plan["class"])
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"path: no config.json in {str(folder)!r}")
+    config_dict = json.loads(config_file.read_text())
+    if hasattr(cls, "config_class") and hasattr(cls, "from_pretrained"):
+        with _quiet_hf():
+            config = cls.config_class.from_pretrained(folder, local_files_only=True)
+        for k, v in (plan.get("config_heads") or {}).items():  # the dense head counts; the plan removes heads below
+            setattr(config, k, v)
+        config._attn_implementation = plan.get("attn_implementation") or config_dict.get("_attn_implementation") or "eager"
+        model = cls(config)
+    else:
+        model = cls(**config_dict)
+    layers = attention_layers(model)
+    if len(layers) != len(plan["kept_heads"]):
+        raise ValueError(f"path: {PLAN_FILE} has {len(plan['kept_heads'])} layers, the model rebuilt from config.json has {len(layers)}")
+    for l, (layer, n) in enumerate(zip(layers, plan["original_heads"])):
+        if layer.n_heads != n:
+            raise ValueError(f"path: {PLAN_FILE} says layer {l} had {n} heads, the model rebuilt from config.json has {layer.n_heads}")
+    if plan.get("mlp_widths"):
+        from .llm import set_mlp_widths
+
+        set_mlp_widths(model, plan["mlp_widths"])
+    removed = {l: [h for h in range(n) if h not in set(plan["kept_heads"][str(l)])] for l, n in enumerate(plan["original_heads"])}
+    try:
+        remove_heads(model, {l: ids for l, ids in removed.items() if ids})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"path: the plan in {str(folder)!r} cannot be applied: {err}") from None
+    _load_weights(model, _read_state(folder), folder)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
