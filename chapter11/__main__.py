@@ -3,12 +3,20 @@
     python -m chapter11 list                 experiments with one-line descriptions
     python -m chapter11 run [--only NAME]    execute notebooks into build/notebooks/, write build/summary.md
     python -m chapter11 refresh [PATH ...]   re-execute committed notebooks in place (make notebooks)
+    python -m chapter11 bench NAME [...]     benchmarks: masks, sparse, structured, semi (--help after NAME)
 
 `run` never touches the committed notebooks: each one is executed into
 `build/notebooks/`, its headline numbers (`chapter11.report.record`) land in
 `build/notebooks/NAME.records.json`, its figures in `build/figures/NAME/`. A
 notebook that fails is reported with its cell and error, the others still
 run, and the exit status is 1 if any failed.
+
+`bench` dispatches to the benchmark command lines of the method modules
+(`chapter11.csr`, `chapter11.structured.channels`, `chapter11.nm`) and of
+the harness (`chapter11.bench.masks_main`); it lives here, not in
+`chapter11.bench`, because those modules import the harness. Like
+`python -m chapter11.bench`, it restarts itself once with
+`chapter11.bench.QUIET_POOLS` set, so idle BLAS threads sleep between timings.
 """
 
 from __future__ import annotations
@@ -192,7 +200,41 @@ def cmd_refresh(args) -> int:
     return 1 if failed else 0
 
 
+# name -> (module, function, what it measures); imported only when chosen
+BENCHMARKS = {
+    "masks": ("chapter11.bench", "masks_main", "training step: dense vs chapter11 masks vs torch.nn.utils.prune"),
+    "sparse": ("chapter11.csr", "benchmark_main", "CSR kernels vs dense, scipy and torch.sparse_csr (CPU)"),
+    "structured": ("chapter11.structured.channels", "benchmark_main", "dense vs physically pruned models, measured vs predicted"),
+    "semi": ("chapter11.nm", "benchmark_main", "2:4 semi-structured vs dense fp16 at LLM shapes (CUDA GPU; skips with a reason otherwise)"),
+}
+
+
+def bench_usage() -> str:
+    lines = ["usage: python -m chapter11 bench NAME [options]   (--help after NAME for its options)", "", "benchmarks:"]
+    lines += [f"  {name:11s} {what}" for name, (_, _, what) in BENCHMARKS.items()]
+    return "\n".join(lines)
+
+
+def bench_main(argv: list[str]) -> int:
+    """Run benchmark `argv[0]` with the options `argv[1:]`; 2 (and the usage) for an unknown name."""
+    import importlib
+
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(bench_usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] not in BENCHMARKS:
+        print(f"bench: no benchmark named {argv[0]!r}; choose from {', '.join(BENCHMARKS)}\n{bench_usage()}", file=sys.stderr)
+        return 2
+    module, function, _ = BENCHMARKS[argv[0]]
+    status = getattr(importlib.import_module(module), function)(argv[1:])
+    return status if isinstance(status, int) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # its options belong to each benchmark, so argparse does not see them
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m chapter11", description="Run the pruning chapter's experiments headless.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list experiments").set_defaults(func=cmd_list)
@@ -202,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     refresh = sub.add_parser("refresh", help="re-execute committed notebooks in place")
     refresh.add_argument("paths", nargs="*", help="notebooks to refresh (default: all experiments)")
     refresh.set_defaults(func=cmd_refresh)
+    sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS) + " (python -m chapter11 bench --help)", add_help=False)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
@@ -216,4 +259,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["bench"]:
+        from .bench import quiet_pools_missing
+
+        missing = quiet_pools_missing()
+        if missing:
+            os.execve(sys.executable, [sys.executable, "-m", "chapter11", *sys.argv[1:]], {**os.environ, **missing})
     sys.exit(main())

@@ -1,17 +1,27 @@
 """Benchmarks that check first, then time: medians of repeats, ratios from one run.
 
-Covers: `machine_info` (what the numbers were measured on), `time_callable`
-(median of repeated calls), `compare` (several candidates timed interleaved
-in one process, so a noisy neighbour slows them all alike, with ratios to a
-reference), and the command line:
+Covers the timing harness every method module builds on: `machine_info`
+(what the numbers were measured on), `time_callable` (median of repeated
+calls), `compare` (several candidates timed interleaved in one process, so a
+noisy neighbour slows them all alike, with ratios to a reference), and one
+benchmark of the core itself, `bench_masks` (a training step with
+`chapter11.masks` against `torch.nn.utils.prune`).
 
-    python -m chapter11.bench masks       [--json PATH] [--steps N]
-    python -m chapter11.bench sparse      [--json PATH] [--quick]   (chapter11.csr)
-    python -m chapter11.bench structured  [--json PATH]             (chapter11.structured)
+The command line lives in `chapter11.__main__` (it imports the method
+modules, which import this harness):
+
+    python -m chapter11 bench masks       [--json PATH] [--steps N]
+    python -m chapter11 bench sparse      [--json PATH] [--quick]   (chapter11.csr)
+    python -m chapter11 bench structured  [--json PATH]             (chapter11.structured)
+    python -m chapter11 bench semi        [--json PATH]             (chapter11.nm, CUDA only)
+
+`python -m chapter11.bench NAME ...` still works: `main` hands over to it.
 
 But: wall-clock timing only (no hardware counters), and one process: the
 numbers describe this machine at this moment, which is why only ratios
-measured side by side are ever reported as speedups.
+measured side by side are ever reported as speedups. This module imports no
+method module at load time (`csr`, `export` and `structured.channels` import
+it), so it has no command-line dispatch of its own.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ import torch
 
 from .report import atomic_write_text
 
-__all__ = ["machine_info", "describe_machine", "time_callable", "compare", "bench_masks", "main"]
+__all__ = ["machine_info", "describe_machine", "time_callable", "compare", "bench_masks", "masks_main", "main", "QUIET_POOLS", "quiet_pools_missing"]
 
 
 def _cpu_model() -> str:
@@ -213,14 +223,22 @@ def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(
     }
 
 
-def _masks_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chapter11.bench masks", description="Training step: dense vs masked (chapter11) vs torch.nn.utils.prune.")
+def masks_main(argv: list[str] | None = None) -> int:
+    """`python -m chapter11 bench masks`: a training step, dense vs chapter11 masks vs torch.nn.utils.prune."""
+    parser = argparse.ArgumentParser(prog="python -m chapter11 bench masks", description="Training step: dense vs masked (chapter11) vs torch.nn.utils.prune.")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median reported)")
     parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--sizes", default="1024,4096,4096,10", help="layer widths of the MLP, comma-separated (default 1024,4096,4096,10)")
     parser.add_argument("--json", metavar="PATH", help="write the numbers as JSON here")
     args = parser.parse_args(argv)
+    try:
+        sizes = tuple(int(v) for v in args.sizes.split(","))
+    except ValueError:
+        parser.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
+    if len(sizes) < 2 or min(sizes) < 1:
+        parser.error(f"--sizes needs at least two positive widths, got {args.sizes!r}")
     print(f"machine: {describe_machine()}", flush=True)
-    r = bench_masks(steps=args.steps, sparsity=args.sparsity)
+    r = bench_masks(steps=args.steps, sparsity=args.sparsity, sizes=sizes)
     print(f"MLP {'-'.join(map(str, r['sizes']))}, batch {r['batch']}, sparsity {r['sparsity']:.0%}, median of {r['steps']} interleaved steps")
     print(f"  dense              {r['dense_s'] * 1e3:8.1f} ms/step")
     print(f"  chapter11 masks    {r['chapter11_s'] * 1e3:8.1f} ms/step  ({r['chapter11_ratio']:.2f}x dense)")
@@ -231,20 +249,10 @@ def _masks_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    choices = ("masks", "sparse", "structured")
-    if not argv or argv[0] not in choices:
-        print(f"usage: python -m chapter11.bench {{{','.join(choices)}}} [options]   (--help after a name for its options)", file=sys.stderr)
-        return 2
-    name, rest = argv[0], argv[1:]
-    if name == "masks":
-        return _masks_main(rest)
-    if name == "sparse":
-        from .csr import benchmark_main
-    else:
-        from .structured.channels import benchmark_main
-    status = benchmark_main(rest)
-    return status if isinstance(status, int) else 0
+    """`python -m chapter11.bench NAME ...`, kept for old commands: the same as `python -m chapter11 bench NAME ...`."""
+    from .__main__ import bench_main  # imported here: the dispatch imports the method modules, which import this one
+
+    return bench_main(list(sys.argv[1:] if argv is None else argv))
 
 
 # Idle thread pools should sleep, not spin, while the next candidate runs.
@@ -253,12 +261,24 @@ def main(argv: list[str] | None = None) -> int:
 # next by a scheduler slice (4-8 ms per call, against 0.1-2 ms of work). With a
 # short timeout its threads sleep at once; numpy's own dense times did not
 # change (notebook 08). OpenBLAS reads the setting once, when numpy loads, so
-# the command line restarts itself with it, unless you set it yourself.
+# both command lines restart themselves with it, unless you set it yourself.
 QUIET_POOLS = {"OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
+def quiet_pools_missing(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The `QUIET_POOLS` settings not already in `environ` (a user's own value is kept).
+
+    >>> quiet_pools_missing({"OPENBLAS_THREAD_TIMEOUT": "7"})
+    {}
+    >>> quiet_pools_missing({})
+    {'OPENBLAS_THREAD_TIMEOUT': '4'}
+    """
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in QUIET_POOLS.items() if k not in environ}
+
+
 if __name__ == "__main__":
-    missing = {k: v for k, v in QUIET_POOLS.items() if k not in os.environ}
+    missing = quiet_pools_missing()
     if missing:
         os.execve(sys.executable, [sys.executable, "-m", "chapter11.bench", *sys.argv[1:]], {**os.environ, **missing})
     sys.exit(main())

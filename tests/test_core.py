@@ -1,6 +1,7 @@
 """Data, models, training loops, metrics, records and the command line."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -156,6 +157,49 @@ def test_bench_harness_medians_and_ratios():
     assert calls == ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4  # one untimed call per block, order rotates
     with pytest.raises(ValueError, match="block"):
         compare({"a": lambda: None}, block=0)
+
+
+def test_bench_harness_imports_no_method_module():
+    # csr, export and structured.channels import the harness; it must not import them back
+    code = "import sys, chapter11.bench; print(sorted(m for m in sys.modules if m.startswith('chapter11.')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    loaded = set(eval(out))
+    assert not loaded & {"chapter11.csr", "chapter11.export", "chapter11.nm", "chapter11.structured.channels", "chapter11.__main__"}, loaded
+
+
+def test_bench_command_line_dispatch(capsys):
+    from chapter11.__main__ import BENCHMARKS, bench_main
+
+    assert set(BENCHMARKS) == {"masks", "sparse", "structured", "semi"}
+    assert bench_main([]) == 2 and "usage: python -m chapter11 bench NAME" in capsys.readouterr().err
+    assert bench_main(["--help"]) == 0 and "semi" in capsys.readouterr().out
+    assert bench_main(["nope"]) == 2 and "no benchmark named 'nope'" in capsys.readouterr().err
+    for module, function, _ in BENCHMARKS.values():  # every entry points at a real function
+        assert callable(getattr(__import__(module, fromlist=[function]), function))
+
+
+def test_bench_command_line_restarts_with_quiet_pools(tmp_path):
+    # (tests/test_csr.py checks the same for the old entry point, python -m chapter11.bench)
+    entry = ["-m", "chapter11", "bench"]
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "CUDA_VISIBLE_DEVICES")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the semi benchmark then only says why it skipped: a fast, GPU-free run
+    out = tmp_path / "semi.json"
+    done = subprocess.run([sys.executable, *entry, "semi", "--json", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "skipped the 2:4 GPU benchmark" in done.stdout
+    assert "OPENBLAS_THREAD_TIMEOUT=4" in json.loads(out.read_text())["machine"]["thread_env"]  # restarted with the setting
+    env["OPENBLAS_THREAD_TIMEOUT"] = "7"  # a user's own choice is kept
+    subprocess.run([sys.executable, *entry, "semi", "--json", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=True)
+    assert "OPENBLAS_THREAD_TIMEOUT=7" in json.loads(out.read_text())["machine"]["thread_env"]
+
+
+def test_bench_masks_command_writes_json(tmp_path):
+    from chapter11.bench import masks_main
+
+    out = tmp_path / "masks.json"
+    assert masks_main(["--steps", "1", "--sizes", "32,64,10", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {"dense_s", "chapter11_ratio", "torch_prune_ratio", "machine"} <= set(data) and data["chapter11_ratio"] > 0
 
 
 def test_cli_lists_experiments():
