@@ -87,6 +87,7 @@ __all__ = [
     "training_flops_loop",
     "training_flops",
     "inference_flops",
+    "density_schedule",
     "SparseRun",
     "TRAIN_METHODS",
     "train_sparse",
@@ -743,6 +744,84 @@ def inference_flops(macs: Mapping[str, int], densities: Mapping[str, float]) -> 
     return training_flops(macs, [densities], [False])
 
 
+def _schedule_steps(total_steps: int, end_fraction, prune_start, method: str) -> tuple[int, int]:
+    """(start_step, end_step) of the mask schedule for `total_steps` optimizer steps.
+
+    SET/RigL update until end_step = floor(end_fraction * T) (at least 1);
+    gradual pruning runs from floor(prune_start * T) to end_step.
+    """
+    for value, name in ((end_fraction, "end_fraction"), (prune_start, "prune_start")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a real number in [0, 1], got {value!r}")
+    if end_fraction == 0:
+        raise ValueError(f"end_fraction must be in (0, 1], got {end_fraction}")
+    if method == "gradual" and prune_start >= end_fraction:
+        raise ValueError(f"prune_start ({prune_start}) must come before end_fraction ({end_fraction})")
+    end_step = max(1, int(end_fraction * total_steps))
+    start_step = int(prune_start * total_steps)
+    return start_step, (max(end_step, start_step + 1) if method == "gradual" else end_step)
+
+
+def density_schedule(
+    shapes: Mapping[str, Sequence[int]],
+    method: str,
+    sparsity: float,
+    steps: int,
+    distribution: str = "erk",
+    update_every: int = 100,
+    alpha: float = 0.3,
+    end_fraction: float = 0.75,
+    prune_start: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The density of every layer at every step, and RigL's dense-gradient steps, without training.
+
+    Returns `(densities, dense_gradient)` of shapes (steps, layers) and
+    (steps,), exactly what `train_sparse` logs for the same settings (a test
+    checks it): the number of connections per layer does not depend on the
+    weights, only on the method and schedule. Row t is step t + 1; an update
+    at step u shows from step u + 1 on. The keywords mean what they mean in
+    `train_sparse`, with `steps` = epochs * batches per epoch.
+
+    >>> d, g = density_schedule({"fc": (10, 10)}, "rigl", 0.9, 6, update_every=2, end_fraction=0.9)
+    >>> d[:, 0].tolist(), g.tolist()
+    ([0.1, 0.1, 0.1, 0.1, 0.1, 0.1], [False, True, False, True, False, False])
+    >>> d, _ = density_schedule({"fc": (10, 10)}, "gradual", 0.9, 6, update_every=2, end_fraction=0.75, prune_start=0.0)
+    >>> d[:, 0].tolist()
+    [1.0, 1.0, 0.21, 0.21, 0.1, 0.1]
+    """
+    shapes = _check_shapes(shapes)
+    if method not in TRAIN_METHODS:
+        raise ValueError(f"method must be one of {TRAIN_METHODS}, got {method!r}")
+    sparsity = check_sparsity(sparsity, "sparsity")
+    steps = _check_step(steps, "steps", 1)
+    start_step, end_step = _schedule_steps(steps, end_fraction, prune_start, method)
+    names = list(shapes)
+    sizes = [math.prod(shapes[n]) for n in names]
+    flags = torch.zeros(steps, dtype=torch.bool)  # (T,)
+    if method == "dense":
+        return torch.ones(steps, len(names), dtype=torch.float64), flags
+    if method != "gradual":
+        targets = layer_sparsities(shapes, sparsity, distribution)
+        row = torch.tensor([_n_keep(n, targets[name]) / n for name, n in zip(names, sizes)], dtype=torch.float64)
+        if method == "rigl":
+            _check_step(update_every, "update_every", 1)
+            for t in range(1, steps + 1):
+                if t % update_every == 0 and t < end_step and cosine_drop_fraction(t, alpha, end_step) > 0:
+                    flags[t - 1] = True
+        return row.expand(steps, len(names)).clone(), flags
+    prune = GradualMagnitude.__new__(GradualMagnitude)  # only its schedule is needed, not a model
+    prune.start_step, prune.end_step = start_step, end_step
+    prune.update_every = _check_step(update_every, "update_every", 1)
+    active = list(sizes)
+    rows = []
+    for t in range(1, steps + 1):
+        rows.append([a / n for a, n in zip(active, sizes)])
+        if prune.is_update_step(t):
+            targets = layer_sparsities(shapes, gradual_sparsity(t, sparsity, prune.start_step, prune.end_step), distribution)
+            active = [min(a, _n_keep(n, targets[name])) for a, n, name in zip(active, sizes, names)]
+    return torch.tensor(rows, dtype=torch.float64), flags
+
+
 # ---------------------------------------------------------------- one function for the notebook
 
 
@@ -806,25 +885,17 @@ def train_sparse(
 
     if method not in TRAIN_METHODS:
         raise ValueError(f"method must be one of {TRAIN_METHODS}, got {method!r}")
-    for value, name in ((end_fraction, "end_fraction"), (prune_start, "prune_start")):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
-            raise ValueError(f"{name} must be a real number in [0, 1], got {value!r}")
-    if end_fraction == 0:
-        raise ValueError(f"end_fraction must be in (0, 1], got {end_fraction}")
-    if method == "gradual" and prune_start >= end_fraction:
-        raise ValueError(f"prune_start ({prune_start}) must come before end_fraction ({end_fraction})")
     check_sparsity(sparsity, "sparsity")
     names = list(prunable_parameters(model, exclude=exclude))
     total_steps = epochs * len(loader)
-    end_step = max(1, int(end_fraction * total_steps))
+    start_step, end_step = _schedule_steps(total_steps, end_fraction, prune_start, method)
     updater = None
     if method in ("static",) + METHODS:
         random_masks(model, sparsity, distribution, exclude=exclude, seed=seed)
     if method in METHODS:
         updater = DynamicSparsity(model, method, update_every, alpha, end_step, seed=seed, snapshot=snapshot)
     elif method == "gradual":
-        updater = GradualMagnitude(model, sparsity, distribution, int(prune_start * total_steps), max(end_step, int(prune_start * total_steps) + 1),
-                                   update_every, exclude=exclude)
+        updater = GradualMagnitude(model, sparsity, distribution, start_step, end_step, update_every, exclude=exclude)
 
     def current() -> list[float]:
         masks = masks_of(model)

@@ -12,6 +12,7 @@ from chapter11.dynamic import (
     GradualMagnitude,
     cosine_drop_fraction,
     dense_macs,
+    density_schedule,
     drop,
     drop_loop,
     grow,
@@ -561,3 +562,27 @@ def test_train_sparse_logs_what_each_step_cost(method):
         assert flops == pytest.approx(sparse + 3 * (1 - sparse) / 3 / 16)  # three steps at 2 f_S + f_D
     else:
         assert sparse < flops < 1.0
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+@pytest.mark.parametrize("method", ["dense", "static", "set", "rigl", "gradual"])
+def test_density_schedule_equals_what_training_logs(method, model_name):
+    torch.manual_seed(0)
+    model = LeNet300100() if model_name == "mlp" else SmallCNN(dims=1)
+    shapes = {n: p.shape for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
+    settings = dict(update_every=3, alpha=0.3, end_fraction=0.75, prune_start=0.25)
+    run = train_sparse(model, _data(64 if model_name == "cnn" else 256), method, sparsity=0.9, epochs=3, progress_bar=False, **settings)
+    steps = run.densities.shape[0]
+    densities, flags = density_schedule(shapes, method, 0.9, steps, **settings)
+    assert torch.equal(densities, run.densities)
+    assert torch.equal(flags, run.dense_gradient)
+    assert run.names == list(shapes)
+
+
+def test_density_schedule_bad_input():
+    with pytest.raises(ValueError, match="method"):
+        density_schedule({"a": (2, 2)}, "prune", 0.5, 10)
+    with pytest.raises(ValueError, match="steps"):
+        density_schedule({"a": (2, 2)}, "static", 0.5, 0)
+    with pytest.raises(ValueError, match="prune_start"):
+        density_schedule({"a": (2, 2)}, "gradual", 0.5, 10, prune_start=0.8, end_fraction=0.5)
