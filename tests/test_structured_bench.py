@@ -29,3 +29,16 @@ def test_structured_benchmark_rejects_bad_arguments():
         structured_benchmark(amount=1.0)
     with pytest.raises(ValueError, match="batches must be positive"):
         structured_benchmark(batches=[0])
+
+
+@pytest.mark.parametrize("argv", [["structured", "--help"]])
+def test_both_command_lines_reach_benchmark_main(argv, capsys):
+    # `python -m chapter11 bench structured` and `python -m chapter11.bench structured` hand over to benchmark_main.
+    from chapter11.__main__ import main as package_main
+    from chapter11.bench import main as bench_module_main
+
+    for entry in (lambda a: package_main(["bench", *a]), bench_module_main):
+        with pytest.raises(SystemExit) as exit_info:  # argparse's --help exits 0 after printing
+            entry(argv)
+        assert exit_info.value.code == 0
+        assert "--amount" in capsys.readouterr().out

@@ -943,8 +943,8 @@ def structured_benchmark(batches=(1, 32), repeats: int = 5, image_size: int = 11
 
 
 def benchmark_main(argv: Sequence[str] | None = None) -> int:
-    """`python -m chapter11.bench structured`: dense vs 50%-pruned latency and FLOP prediction."""
-    parser = argparse.ArgumentParser(prog="python -m chapter11.bench structured", description=benchmark_main.__doc__)
+    """`python -m chapter11 bench structured`: dense vs 50%-pruned latency and FLOP prediction."""
+    parser = argparse.ArgumentParser(prog="python -m chapter11 bench structured", description=benchmark_main.__doc__)
     parser.add_argument("--json", metavar="PATH", help="write the rows as a JSON list to PATH")
     parser.add_argument("--repeats", type=int, default=5, help="timed samples per variant (median is reported)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes to time")
