@@ -60,6 +60,7 @@ from numba import njit, prange
 from torch import nn
 
 from chapter11.bench import compare, machine_info
+from chapter11.masks import check_mask
 from chapter11.report import atomic_write_bytes, atomic_write_text
 from chapter11.sparsity import check_sparsity
 
@@ -125,7 +126,10 @@ class CSR:
 
     @property
     def sparsity(self) -> float:
+        """1 - nnz / (rows * cols); a matrix with no elements has none (ValueError)."""
         total = self.shape[0] * self.shape[1]
+        if total == 0:
+            raise ValueError(f"csr has shape {self.shape}: no elements, so its sparsity is undefined")
         return 1.0 - self.nnz / total
 
     @property
@@ -134,10 +138,19 @@ class CSR:
         return int(self.data.nbytes + self.indices.nbytes + self.indptr.nbytes)
 
     def to_scipy(self):
-        """The same matrix as `scipy.sparse.csr_array` (shares memory where it can)."""
+        """The same matrix as `scipy.sparse.csr_array` (shares memory where it can).
+
+        scipy.sparse has no float16 (it builds one, but printing, `toarray`
+        and some products fail), so float16 values are widened to float32,
+        which holds every float16 exactly.
+
+        >>> to_csr(torch.tensor([[0.0, 1.5]], dtype=torch.float16)).to_scipy().dtype
+        dtype('float32')
+        """
         import scipy.sparse as sp
 
-        return sp.csr_array((self.data, self.indices, self.indptr), shape=self.shape)
+        data = self.data.astype(np.float32) if self.data.dtype == np.float16 else self.data
+        return sp.csr_array((data, self.indices, self.indptr), shape=self.shape)
 
     def to_torch(self) -> torch.Tensor:
         """The same matrix as a torch sparse CSR tensor (int16 indices widen to int32)."""
@@ -171,9 +184,12 @@ class CSR:
             object.__setattr__(self, "_mkl", cached)
         return cached
 
+    def _sparsity_text(self) -> str:
+        return f"{self.sparsity:.3f}" if self.shape[0] * self.shape[1] else "undefined"
+
     def __repr__(self) -> str:
         return (
-            f"CSR(shape={self.shape}, nnz={self.nnz}, sparsity={self.sparsity:.3f}, values={self.data.dtype}, "
+            f"CSR(shape={self.shape}, nnz={self.nnz}, sparsity={self._sparsity_text()}, values={self.data.dtype}, "
             f"indices={self.indices.dtype}, {self.nbytes} bytes)"
         )
 
@@ -744,6 +760,16 @@ def matmul_variants() -> dict[str, Callable]:
 # ----------------------------------------------------------- modules in a model
 
 
+def _masked_weight(linear: nn.Linear, name: str = "linear") -> torch.Tensor:
+    """The weight with its `weight_mask` applied (exactly 0 where the mask is 0), or raise for a non-0/1 mask."""
+    weight = linear.weight.detach()  # (out_features, in_features)
+    mask = getattr(linear, "weight_mask", None)
+    if mask is None:
+        return weight
+    mask = check_mask(mask, weight, f"{name}.weight_mask")
+    return torch.where(mask == 0, torch.zeros_like(weight), weight)
+
+
 class SparseLinear(nn.Module):
     """A pruned `nn.Linear` whose weight lives in CSR and runs through `csr_matvec`/`csr_matmul`.
 
@@ -774,14 +800,14 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, index_dtype=None) -> "SparseLinear":
-        """Build from an `nn.Linear`, applying its `weight_mask` if it has one."""
+        """Build from an `nn.Linear`, applying its `weight_mask` (0/1 only) if it has one.
+
+        A pruned weight is dropped whatever it holds (an inf too); kept
+        weights are stored as they are.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        weight = linear.weight.detach()
-        mask = getattr(linear, "weight_mask", None)
-        if mask is not None:
-            weight = weight * mask
-        return cls(weight, linear.bias, index_dtype=index_dtype)
+        return cls(_masked_weight(linear), linear.bias, index_dtype=index_dtype)
 
     @property
     def csr(self) -> CSR:
@@ -803,7 +829,7 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         csr = self.csr
-        return f"in_features={self.in_features}, out_features={self.out_features}, sparsity={csr.sparsity:.3f}, bytes={csr.nbytes}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, sparsity={csr._sparsity_text()}, bytes={csr.nbytes}"
 
 
 def sparsify(model: nn.Module, min_sparsity: float = 0.8, inplace: bool = False) -> nn.Module:
@@ -828,10 +854,7 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.8, inplace: bool = False)
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
             if isinstance(child, nn.Linear):
-                weight = child.weight.detach()
-                mask = getattr(child, "weight_mask", None)
-                if mask is not None:
-                    weight = weight * mask
+                weight = _masked_weight(child, f"{name}.{child_name}" if name else child_name)
                 if 1.0 - torch.count_nonzero(weight).item() / weight.numel() >= min_sparsity:
                     swaps.append((module, child_name, child))
     for module, child_name, child in swaps:

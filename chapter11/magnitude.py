@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .masks import apply_masks, masks_of, prunable_parameters
+from .masks import apply_masks, check_mask, masks_of, prunable_parameters
 from .sparsity import check_sparsity
 
 __all__ = [
@@ -215,6 +215,8 @@ def smallest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def _scores(model: nn.Module, name: str, param: torch.Tensor) -> torch.Tensor:
     """|w|, with already-masked weights pushed below every real magnitude (-1)."""
+    if param.is_floating_point() and torch.isnan(param).any():
+        raise ValueError(f"model: the weights of {name} contain NaN; magnitudes of NaN cannot be ranked")
     old = masks_of(model).get(name)
     scores = param.detach().abs().float()  # same shape as param
     if old is not None:
@@ -304,11 +306,19 @@ def prune_magnitude(model: nn.Module, sparsity: float, scope: str = "global", ex
 
 
 def masks_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
-    """Fraction of zeros over all masks together.
+    """Fraction of zeros over all masks together; every mask must hold only 0 and 1.
 
     >>> masks_sparsity({"a": torch.tensor([0., 1.]), "b": torch.tensor([0., 0., 1., 1.])})
     0.5
+    >>> masks_sparsity({"a": torch.tensor([0., 2.])})
+    Traceback (most recent call last):
+    ...
+    ValueError: mask for masks['a'] must hold only 0 and 1, found 2
     """
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must map parameter names to 0/1 tensors, got {type(masks).__name__}")
+    for name, mask in masks.items():
+        check_mask(mask, mask, f"masks[{name!r}]")
     total = sum(m.numel() for m in masks.values())
     if total == 0:
         raise ValueError("masks: no mask elements, so the sparsity is undefined")

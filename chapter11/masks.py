@@ -11,11 +11,34 @@ A mask never un-prunes: applying a second mask multiplies it into the first.
 Only code that says so (`allow_regrow=True`, used by dynamic sparsity) may
 turn a zero back on.
 
+A pruned weight is exactly 0.0, whatever it held: masks are applied with
+`masked_fill`, not by multiplying, so a pruned `inf` (or an `inf` gradient)
+becomes 0 instead of NaN, and kept weights are never touched.
+
+Every function that changes several layers checks all of them first and
+only then changes any, so a refused call leaves the model as it was.
+
+torch.nn.utils.prune interop: `to_torch_prune` moves our masks into torch's
+`weight_orig`/`weight_mask`/forward-hook form and `from_torch_prune` brings
+torch's form back (for pruning applied several times, torch keeps the
+product of all masks in `weight_mask`, and that product is what comes back).
+To combine the two, call `to_torch_prune(model)` before torch's pruning
+functions; torch then multiplies its new mask into ours. Calling
+`prune.l1_unstructured` (or any torch method) directly on a layer that holds
+our `weight_mask` replaces our buffer with torch's mask. We cannot stop that,
+but we notice it: every function here then refuses the model with a message,
+and `from_torch_prune` repairs it (our pruned weights are still zeros of
+`weight_orig`, so the rebuilt mask is torch's times `weight_orig != 0`) and
+warns.
+
 Covers: finding prunable layers, applying/validating/removing masks, the
-optimizer wrapper, conversion to and from `torch.nn.utils.prune`, and
+optimizer wrapper (a `torch.optim.Optimizer`, so torch's learning-rate
+schedulers accept it), conversion to and from `torch.nn.utils.prune`, and
 checkpoints that keep their masks.
 But: masks on embeddings or norms are allowed only if you name them yourself;
-`prunable_parameters` lists the weights of Linear and Conv layers.
+`prunable_parameters` lists the weights of Linear and Conv layers. The repair
+after torch's pruning is exact only if the model was not trained under
+torch's hook in between (training would have moved those zeros).
 
     >>> import torch
     >>> from torch import nn
@@ -28,10 +51,12 @@ But: masks on embeddings or norms are allowed only if you name them yourself;
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 from .report import atomic_torch_save
@@ -55,6 +80,7 @@ __all__ = [
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SUFFIX = "_mask"
+OURS = "_chapter11_masks"  # module attribute: names of the parameters whose `<name>_mask` buffer we installed
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -103,12 +129,55 @@ def prunable_parameters(model: nn.Module, exclude: Iterable[str] = ()) -> dict[s
     return found
 
 
+def _full(module_name: str, param_name: str) -> str:
+    return f"{module_name}.{param_name}" if module_name else param_name
+
+
+def _torch_hooks(module: nn.Module) -> dict[str, torch_prune.BasePruningMethod]:
+    """Tensor name -> torch.nn.utils.prune hook (a method, or a PruningContainer of several)."""
+    return {h._tensor_name: h for h in module._forward_pre_hooks.values() if isinstance(h, torch_prune.BasePruningMethod)}
+
+
+def _ours(module: nn.Module) -> set[str]:
+    return module.__dict__.get(OURS, set())
+
+
+def _mark(module: nn.Module, param_name: str, ours: bool = True) -> None:
+    names = set(_ours(module))
+    if ours:
+        names.add(param_name)
+    else:
+        names.discard(param_name)
+    module.__dict__[OURS] = names
+
+
+def _replaced_by_torch(module: nn.Module, module_name: str) -> list[str]:
+    """Parameters whose mask we installed and torch's pruning then replaced."""
+    ours = _ours(module)
+    return [_full(module_name, t) for t in _torch_hooks(module) if t in ours] if ours and module._forward_pre_hooks else []
+
+
+def _refuse_replaced(names: list[str], argument: str = "model") -> None:
+    if names:
+        raise ValueError(
+            f"{argument}: {names[0]} held our mask, then torch.nn.utils.prune was applied to it and replaced the "
+            f"buffer {names[0]}{SUFFIX} with torch's own mask; call from_torch_prune(model) to rebuild the mask "
+            "(ours times torch's) before using the model, and next time call to_torch_prune(model) before torch's "
+            "pruning functions"
+        )
+
+
 def _owner(model: nn.Module, name: str, argument: str = "masks") -> tuple[nn.Module, str, nn.Parameter]:
     module_name, param_name = _split(name)
     try:
         module = model.get_submodule(module_name) if module_name else model
     except AttributeError:
         raise ValueError(f"{argument}: unknown parameter name {name!r}") from None
+    if param_name in _torch_hooks(module):
+        raise ValueError(
+            f"{argument}: {name} is under torch.nn.utils.prune ({param_name}_orig, {param_name}{SUFFIX} and a "
+            "forward pre-hook); call from_torch_prune(model) first to turn it into our mask"
+        )
     param = getattr(module, param_name, None)
     if not isinstance(param, nn.Parameter):
         raise ValueError(f"{argument}: unknown parameter name {name!r}")
@@ -138,41 +207,68 @@ def check_mask(mask, param: torch.Tensor, name: str = "mask") -> torch.Tensor:
 
 
 @torch.no_grad()
+def _zero_pruned(tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+    """Set each tensor to exactly 0 where its mask is 0 (or its bool mask True), leave the rest untouched.
+
+    `masked_fill`, not `t * mask`: inf * 0 is NaN, and a pruned weight must be 0.
+    """
+    for t, m in zip(tensors, masks):
+        t.masked_fill_(m if m.dtype == torch.bool else m == 0, 0)
+
+
+def _install(module: nn.Module, param_name: str, param: nn.Parameter, mask: torch.Tensor, allow_regrow: bool) -> None:
+    buffer_name = param_name + SUFFIX
+    old = module._buffers.get(buffer_name)
+    if old is not None and not allow_regrow:
+        mask = old * mask
+    if old is not None:
+        old.copy_(mask)
+    else:
+        module.register_buffer(buffer_name, mask.clone())
+    _zero_pruned([param], [module._buffers[buffer_name]])
+    _mark(module, param_name)
+
+
+@torch.no_grad()
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], allow_regrow: bool = False) -> None:
     """Zero the pruned weights of `model` and keep each mask as `<param>_mask`.
 
     A parameter that already has a mask gets the product of old and new, so
     pruning only ever removes. `allow_regrow=True` replaces the old mask
-    instead (dynamic sparsity); regrown weights restart at zero.
+    instead (dynamic sparsity); regrown weights restart at zero. Every mask
+    is checked before any is applied. A pruned weight becomes exactly 0,
+    even an inf one; kept weights are not touched.
+
+    >>> layer = nn.Linear(3, 1, bias=False)
+    >>> _ = layer.weight.data.copy_(torch.tensor([[float("inf"), -2.0, float("inf")]]))
+    >>> apply_masks(layer, {"weight": torch.tensor([[0., 1., 1.]])})
+    >>> layer.weight.tolist()
+    [[0.0, -2.0, inf]]
     """
     if not isinstance(masks, Mapping):
         raise TypeError(f"masks must map parameter names to 0/1 tensors, got {type(masks).__name__}")
+    plan = []
     for name, mask in masks.items():
         module, param_name, param = _owner(model, name)
         if torch.isnan(param).any():
             raise ValueError(f"masks: the weights of {name} contain NaN; refusing to prune a broken model")
-        mask = check_mask(mask, param, name)
-        buffer_name = param_name + SUFFIX
-        old = getattr(module, buffer_name, None)
-        if old is not None and not allow_regrow:
-            mask = old * mask
-        if old is not None:
-            old.copy_(mask)
-        else:
-            module.register_buffer(buffer_name, mask.clone())
-        param.mul_(getattr(module, buffer_name))
+        plan.append((module, param_name, param, check_mask(mask, param, name)))
+    for module, param_name, param, mask in plan:
+        _install(module, param_name, param, mask, allow_regrow)
 
 
 def _masked_pairs(model: nn.Module) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
-    pairs = []
+    pairs, replaced = [], []
     for module_name, module in model.named_modules():
-        for buffer_name, buf in module.named_buffers(recurse=False):
-            if not buffer_name.endswith(SUFFIX):
+        replaced += _replaced_by_torch(module, module_name)
+        for buffer_name, buf in module._buffers.items():
+            if buf is None or not buffer_name.endswith(SUFFIX):
                 continue
-            param = getattr(module, buffer_name[: -len(SUFFIX)], None)
+            param_name = buffer_name[: -len(SUFFIX)]
+            param = module._parameters.get(param_name)
             if isinstance(param, nn.Parameter):
-                param_name = buffer_name[: -len(SUFFIX)]
-                pairs.append((f"{module_name}.{param_name}" if module_name else param_name, param, buf))
+                pairs.append((_full(module_name, param_name), param, buf))
+    _refuse_replaced(replaced)
     return pairs
 
 
@@ -185,125 +281,318 @@ def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
 def remove_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Make the zeros permanent and drop the mask buffers; returns the masks."""
     removed = {}
-    for module_name, module in model.named_modules():
-        for buffer_name in [b for b, _ in module.named_buffers(recurse=False) if b.endswith(SUFFIX)]:
-            param_name = buffer_name[: -len(SUFFIX)]
-            param = getattr(module, param_name, None)
-            if not isinstance(param, nn.Parameter):
-                continue
-            mask = getattr(module, buffer_name)
-            param.mul_(mask)
-            delattr(module, buffer_name)
-            removed[f"{module_name}.{param_name}" if module_name else param_name] = mask
+    for name, param, mask in _masked_pairs(model):
+        module_name, param_name = _split(name)
+        module = model.get_submodule(module_name) if module_name else model
+        _zero_pruned([param], [mask])
+        delattr(module, param_name + SUFFIX)
+        _mark(module, param_name, ours=False)
+        removed[name] = mask
     return removed
 
 
 @torch.no_grad()
 def enforce_masks(model: nn.Module) -> None:
-    """Re-zero every masked weight (cheap: one fused multiply for all layers)."""
+    """Re-zero every masked weight (an inf there becomes 0, not NaN)."""
     pairs = _masked_pairs(model)
-    if pairs:
-        torch._foreach_mul_([p for _, p, _ in pairs], [m for _, _, m in pairs])
+    _zero_pruned([p for _, p, _ in pairs], [m for _, _, m in pairs])
 
 
 @torch.no_grad()
 def mask_gradients(model: nn.Module) -> None:
-    """Zero the gradient of every pruned weight, so optimizer state stays zero there."""
+    """Zero the gradient of every pruned weight, so optimizer state stays zero there.
+
+    >>> layer = nn.Linear(2, 1, bias=False)
+    >>> apply_masks(layer, {"weight": torch.tensor([[0., 1.]])})
+    >>> layer.weight.grad = torch.tensor([[float("inf"), 3.0]])
+    >>> mask_gradients(layer); layer.weight.grad.tolist()
+    [[0.0, 3.0]]
+    """
     pairs = [(p.grad, m) for _, p, m in _masked_pairs(model) if p.grad is not None]
-    if pairs:
-        torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+    _zero_pruned([g for g, _ in pairs], [m for _, m in pairs])
 
 
-class MaskedOptimizer:
+def _shared(name: str) -> property:
+    """An attribute of MaskedOptimizer that is the wrapped optimizer's own (read and written through)."""
+
+    def get(self):
+        inner = self.__dict__.get("optimizer")
+        if inner is not None:
+            return getattr(inner, name)
+        if f"_setup_{name}" in self.__dict__:
+            return self.__dict__[f"_setup_{name}"]
+        raise AttributeError(f"MaskedOptimizer wraps no optimizer yet, so it has no {name}")
+
+    def set(self, value):
+        inner = self.__dict__.get("optimizer")
+        if inner is not None:
+            setattr(inner, name, value)
+        else:  # torch.optim.Optimizer.__init__ setting up, before the wrapped optimizer is attached
+            self.__dict__[f"_setup_{name}"] = value
+
+    return property(get, set, doc=f"The wrapped optimizer's `{name}` (the same object).")
+
+
+class MaskedOptimizer(torch.optim.Optimizer):
     """Wrap any `torch.optim.Optimizer` so masked weights stay exactly zero.
 
     Each `step()` masks the gradients, runs the wrapped step, then re-zeroes
-    the weights (weight decay and momentum cannot revive them). Masks are read
-    from the model at every step, so a mask changed in place (dynamic
-    sparsity) is honoured. Everything else is forwarded to the optimizer.
+    the weights (weight decay and momentum cannot revive them; an inf
+    gradient at a pruned weight leaves it at 0, not NaN). Masks are read from
+    the model at every step, so a mask changed in place (dynamic sparsity) is
+    honoured. A closure's gradients are masked before the wrapped step uses
+    them.
+
+    It is a `torch.optim.Optimizer` whose `param_groups`, `state` and
+    `defaults` are the wrapped optimizer's own objects, so torch's
+    learning-rate schedulers (`StepLR`, `CosineAnnealingLR`, ...) accept it and
+    change the lr the wrapped optimizer uses. `state_dict`/`load_state_dict`
+    are the wrapped optimizer's, and `.optimizer` is the wrapped optimizer.
 
     >>> model = nn.Linear(3, 1, bias=False)
     >>> apply_masks(model, {"weight": torch.tensor([[1., 0., 1.]])})
     >>> opt = MaskedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1), model)
+    >>> scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     >>> for _ in range(3):
-    ...     opt.zero_grad(); model(torch.ones(1, 3)).sum().backward(); opt.step()
-    >>> model.weight[0, 1].item()
-    0.0
+    ...     opt.zero_grad(); model(torch.ones(1, 3)).sum().backward(); opt.step(); scheduler.step()
+    >>> model.weight[0, 1].item(), opt.optimizer.param_groups[0]["lr"]
+    (0.0, 0.05)
     """
+
+    param_groups = _shared("param_groups")
+    state = _shared("state")
+    defaults = _shared("defaults")
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        # Let torch set up its hook tables on copies of the groups, then share the real ones.
+        super().__init__([dict(g) for g in optimizer.param_groups], dict(optimizer.defaults))
+        for name in ("param_groups", "state", "defaults"):
+            self.__dict__.pop(f"_setup_{name}", None)
         self.optimizer = optimizer
         self.model = model
 
     def step(self, closure=None):
-        pairs = _masked_pairs(self.model)
-        grads = [(p.grad, m) for _, p, m in pairs if p.grad is not None]
+        pairs = _masked_pairs(self.model)  # (name, parameter, mask); read now, so in-place mask changes count
         with torch.no_grad():
-            if grads:
-                torch._foreach_mul_([g for g, _ in grads], [m for _, m in grads])
-        loss = self.optimizer.step(closure)
-        with torch.no_grad():
-            if pairs:
-                torch._foreach_mul_([p for _, p, _ in pairs], [m for _, _, m in pairs])
+            pruned = [m == 0 for _, _, m in pairs]  # computed once for gradients and weights
+
+        def mask_grads():
+            grads = [(p.grad, z) for (_, p, _), z in zip(pairs, pruned) if p.grad is not None]
+            _zero_pruned([g for g, _ in grads], [z for _, z in grads])
+
+        if closure is None:
+            mask_grads()
+            loss = self.optimizer.step()
+        else:
+
+            def masked_closure():
+                with torch.enable_grad():
+                    loss = closure()
+                mask_grads()
+                return loss
+
+            loss = self.optimizer.step(masked_closure)
+        _zero_pruned([p for _, p, _ in pairs], pruned)
         return loss
 
-    def zero_grad(self, set_to_none: bool = True):
+    def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def add_param_group(self, param_group: dict) -> None:
+        if "optimizer" not in self.__dict__:  # torch.optim.Optimizer.__init__ setting up
+            return super().add_param_group(param_group)
+        self.optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def __getstate__(self) -> dict:  # like torch's Optimizer: hooks are not copied or pickled
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+
+    def __repr__(self) -> str:
+        return f"MaskedOptimizer({self.optimizer!r})"
+
     def __getattr__(self, name):
-        return getattr(self.optimizer, name)
+        # Only reached for names not found normally: forward public ones (e.g. SGD's options) to the wrapped optimizer.
+        inner = self.__dict__.get("optimizer")
+        if inner is None or name.startswith("_"):
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(inner, name)
 
 
 @torch.no_grad()
 def to_torch_prune(model: nn.Module) -> nn.Module:
-    """Move our masks into torch.nn.utils.prune's `weight_orig`/`weight_mask` form."""
-    import torch.nn.utils.prune as prune
+    """Move our masks into torch.nn.utils.prune's `weight_orig`/`weight_mask` form.
 
+    Torch's pruning functions applied afterwards multiply their mask into
+    ours (a `PruningContainer`); `from_torch_prune` brings the product back.
+
+    >>> import torch.nn.utils.prune as prune
+    >>> layer = nn.Linear(4, 1, bias=False)
+    >>> _ = layer.weight.data.copy_(torch.tensor([[1., -2., 3., -4.]]))
+    >>> apply_masks(layer, {"weight": torch.tensor([[1., 1., 0., 1.]])})
+    >>> _ = to_torch_prune(layer)
+    >>> _ = prune.l1_unstructured(layer, "weight", amount=1)  # torch prunes 1 of the 3 left: the 1.0
+    >>> masks_of(from_torch_prune(layer))["weight"].tolist()
+    [[0.0, 1.0, 0.0, 1.0]]
+    """
     for name, mask in remove_masks(model).items():
-        module, param_name, _ = _owner(model, name)
-        prune.custom_from_mask(module, param_name, mask.clone())
+        module, param_name, _ = _owner(model, name, "model")
+        torch_prune.custom_from_mask(module, param_name, mask.clone())
     return model
 
 
 @torch.no_grad()
 def from_torch_prune(model: nn.Module) -> nn.Module:
-    """Turn torch.nn.utils.prune's reparametrisation back into our masks."""
-    import torch.nn.utils.prune as prune
+    """Turn torch.nn.utils.prune's reparametrisation back into our masks.
 
-    found = {}
+    A tensor pruned several times (a `PruningContainer`) gets torch's
+    combined mask, the product of all. Every layer is checked (0/1 mask, no
+    NaN weights) before any is converted, so a refusal leaves the model in
+    torch's form. If torch's pruning replaced one of our masks (see the
+    module docstring), the mask is rebuilt as torch's mask times
+    `weight_orig != 0`, with a warning.
+    """
+    plan = []
     for module_name, module in model.named_modules():
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                names = [h._tensor_name for h in hook._pruning_methods] if isinstance(hook, prune.PruningContainer) else [hook._tensor_name]
-                for tname in names:
-                    mask = getattr(module, tname + SUFFIX).detach().clone()
-                    prune.remove(module, tname)
-                    found[f"{module_name}.{tname}" if module_name else tname] = mask
-    apply_masks(model, found)
+        ours = _ours(module)
+        for tname in _torch_hooks(module):
+            name = _full(module_name, tname)
+            orig = module._parameters.get(tname + "_orig")
+            mask = module._buffers.get(tname + SUFFIX)
+            if orig is None or mask is None:
+                raise ValueError(f"model: {name} has a torch.nn.utils.prune hook but no {tname}_orig parameter or {tname}{SUFFIX} buffer")
+            if orig.is_floating_point() and torch.isnan(orig).any():
+                raise ValueError(f"model: the weights of {name} contain NaN; refusing to convert a broken model")
+            mask = check_mask(mask, orig, name).clone()  # (same shape as the weight)
+            if tname in ours:
+                mask = mask * (orig != 0).to(mask.dtype)
+                warnings.warn(
+                    f"from_torch_prune: torch.nn.utils.prune had replaced our mask of {name}; rebuilt it as torch's mask "
+                    f"times ({tname}_orig != 0), which restores ours unless the model was trained under torch's hook "
+                    "since. Next time call to_torch_prune(model) before torch's pruning functions.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            plan.append((module, tname, orig, mask))
+    for module, tname, orig, mask in plan:
+        _zero_pruned([orig], [mask])  # so torch's remove (orig * its mask) cannot make inf * 0 = NaN
+        torch_prune.remove(module, tname)
+        _mark(module, tname, ours=False)
+        _install(module, tname, module._parameters[tname], mask, allow_regrow=True)
     return model
 
 
+def _refuse_torch_form(model: nn.Module, argument: str = "model") -> None:
+    for module_name, module in model.named_modules():
+        _refuse_replaced(_replaced_by_torch(module, module_name), argument)
+        for tname in _torch_hooks(module):
+            name = _full(module_name, tname)
+            raise ValueError(
+                f"{argument}: {name} is under torch.nn.utils.prune ({tname}_orig and a forward pre-hook); call "
+                f"from_torch_prune(model) first, so the checkpoint holds {name} and {name}{SUFFIX} as load_masked expects"
+            )
+
+
 def save_masked(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Save `state_dict()` (weights and masks) atomically to `path`."""
+    """Save `state_dict()` (weights and masks) atomically to `path`.
+
+    A model under torch.nn.utils.prune is refused (its checkpoint would hold
+    `weight_orig`): call `from_torch_prune` first.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _refuse_torch_form(model)
     return atomic_torch_save(model.state_dict(), path)
 
 
+def _shape(value) -> tuple[int, ...] | None:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+@torch.no_grad()
 def load_masked_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Like `load_state_dict`, but first creates the mask buffers the checkpoint holds."""
-    for key, value in state_dict.items():
-        if not key.endswith(SUFFIX):
+    """Like `load_state_dict`, but first creates the mask buffers the checkpoint holds.
+
+    Everything is checked before anything changes: every key must name a
+    tensor of `model` with the same shape (a `<param>_mask` key may name a
+    mask the model does not have yet), masks must be 0/1, weights must be 0
+    where their mask is, and a model that carries a mask refuses a checkpoint
+    without it (loading would drop the mask).
+
+    >>> layer = nn.Linear(2, 1, bias=False)
+    >>> apply_masks(layer, {"weight": torch.tensor([[0., 1.]])})
+    >>> fresh = load_masked_state_dict(nn.Linear(2, 1, bias=False), layer.state_dict())
+    >>> fresh.weight_mask.tolist()
+    [[0.0, 1.0]]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must map names to tensors (what save_masked writes), got {type(state_dict).__name__}")
+    kind = type(model).__name__
+    own = model.state_dict()
+    params = dict(model.named_parameters())
+    new = {}  # key -> (module, buffer name, parameter) for masks the model does not have yet
+    for key in state_dict:
+        if not isinstance(key, str):
+            raise TypeError(f"state_dict keys must be strings, got {key!r}")
+        if key in own or not key.endswith(SUFFIX):
             continue
         module_name, buffer_name = _split(key)
-        module = model.get_submodule(module_name) if module_name else model
-        param = getattr(module, buffer_name[: -len(SUFFIX)], None)
+        try:
+            module = model.get_submodule(module_name) if module_name else model
+        except AttributeError:
+            raise ValueError(f"state_dict: key {key!r} names no layer of {kind} (unknown layer {module_name!r})") from None
+        param = module._parameters.get(buffer_name[: -len(SUFFIX)])
         if not isinstance(param, nn.Parameter):
-            raise ValueError(f"state_dict: mask {key!r} has no matching parameter in {type(model).__name__}")
-        check_mask(value, param, key[: -len(SUFFIX)])
-        if buffer_name not in dict(module.named_buffers(recurse=False)):
-            module.register_buffer(buffer_name, torch.ones_like(param))
+            raise ValueError(f"state_dict: mask {key!r} has no matching parameter {key[: -len(SUFFIX)]!r} in {kind}")
+        new[key] = (module, buffer_name, param)
+    expected = set(own) | set(new)
+    missing = sorted(expected - set(state_dict))
+    dropped = [k for k in missing if k.endswith(SUFFIX) and k[: -len(SUFFIX)] in params]
+    if dropped:
+        raise ValueError(
+            f"state_dict has no mask for {dropped[0][: -len(SUFFIX)]!r}, but {kind} carries one, and loading would drop it; "
+            "load into a fresh model, or call remove_masks(model) first if you mean to"
+        )
+    unexpected = sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise ValueError(f"state_dict does not fit {kind}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    for key, value in state_dict.items():
+        want = _shape(own[key]) if key in own else tuple(new[key][2].shape)
+        if _shape(value) is not None and want is not None and _shape(value) != want:
+            raise ValueError(f"state_dict[{key!r}] has shape {_shape(value)}, but {kind} expects {want}")
+    for key, value in state_dict.items():
+        name = key[: -len(SUFFIX)]
+        if not key.endswith(SUFFIX) or name not in params:
+            continue
+        mask = check_mask(value, params[name], name)
+        weight = state_dict[name]
+        pruned = mask.to(weight.device) == 0
+        if (weight[pruned] != 0).any():
+            raise ValueError(
+                f"state_dict: {name} has {int((weight[pruned] != 0).sum())} non-zero weights where its mask is 0; "
+                "a checkpoint written by save_masked never does"
+            )
+    for key, (module, buffer_name, param) in new.items():
+        module.register_buffer(buffer_name, torch.ones_like(param))
     model.load_state_dict(state_dict)
+    for key in state_dict:
+        name = key[: -len(SUFFIX)]
+        if key.endswith(SUFFIX) and name in params:
+            module_name, param_name = _split(name)
+            _mark(model.get_submodule(module_name) if module_name else model, param_name)
     return model
 
 
@@ -312,4 +601,9 @@ def load_masked(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no checkpoint at {str(path)!r}")
-    return load_masked_state_dict(model, torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises pickle, zip and runtime errors of many kinds
+        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+        raise ValueError(f"path: {str(path)!r} is not a checkpoint written by save_masked (torch.load: {type(err).__name__} {first})") from err
+    return load_masked_state_dict(model, state)

@@ -9,7 +9,13 @@ stay the same whichever way they run.
 
 Every file this package writes goes through `atomic_write_bytes`: a temporary
 file in the same folder, flushed, then renamed over the target, so a crash
-leaves the old file or the new one, never half of one.
+leaves the old file or the new one, never half of one. A crash can leave the
+hidden temporary file, named `.<target>.<pid>.<random>.tmp`; the next write to
+the same target removes those whose writer is gone (no process with that pid
+on this machine) and that are over a minute old, and any over a day old.
+But: the pid test only knows this machine's processes; on a folder shared by
+several machines, a temporary file older than a minute whose writer runs
+elsewhere would be removed.
 
     >>> _RECORDS.clear()
     >>> record("sparsity", 0.8); record("accuracy", 0.91234, unit="fraction")
@@ -23,7 +29,9 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
+import time
 from numbers import Real
 from pathlib import Path
 
@@ -54,11 +62,61 @@ def _file_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
+STALE_AFTER_S = 60.0  # a temp file younger than this is never judged stale
+ABANDONED_AFTER_S = 86400.0  # one older than this is stale whoever wrote it
+
+
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError, OSError):
+        return True  # exists under another user, or cannot tell: keep the file
+    return True
+
+
+def _remove_stale_temps(path: Path) -> list[str]:
+    """Delete temp files of `path` left by writers that crashed; returns their names.
+
+    Matches `.<name>.<pid>.<8 chars>.tmp` (and the older `.<name>.<8 chars>.tmp`,
+    which has no pid). Stale: older than `STALE_AFTER_S` and its writer's pid
+    is not running here (or unknown), or older than `ABANDONED_AFTER_S`.
+    """
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(?:(\d+)\.)?[a-z0-9_]{8}\.tmp")
+    now, removed = time.time(), []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+            if not entry.is_file(follow_symlinks=False) or age < STALE_AFTER_S:
+                continue
+            pid = match.group(1)
+            if age < ABANDONED_AFTER_S and pid is not None and _writer_alive(int(pid)):
+                continue
+            os.unlink(entry.path)
+            removed.append(entry.name)
+        except OSError:  # vanished meanwhile, or not ours to delete
+            continue
+    return removed
+
+
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
-    """Write `data` to `path` atomically (temp file + rename in the same folder)."""
+    """Write `data` to `path` atomically (temp file + rename in the same folder).
+
+    The temp file is `.<name>.<pid>.<random>.tmp`; stale ones a crashed
+    writer left for the same target are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -87,25 +145,40 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(buffer.getvalue(), path)
 
 
-def _plain(value):
-    """Turn numpy/torch scalars into JSON-friendly Python numbers."""
+def _plain(value, name: str = "value"):
+    """Turn numpy/torch scalars into JSON-friendly Python numbers.
+
+    >>> import torch
+    >>> _plain(torch.tensor(0.5)), _plain(3)
+    (0.5, 3)
+    >>> _plain(torch.ones(2), "x")
+    Traceback (most recent call last):
+    ...
+    TypeError: value for 'x' must be a single number, got a Tensor with 2 elements; pass e.g. tensor.mean().item()
+    """
     if hasattr(value, "item") and callable(value.item):
+        size = value.numel() if callable(getattr(value, "numel", None)) else getattr(value, "size", 1)
+        if size != 1:
+            raise TypeError(
+                f"value for {name!r} must be a single number, got a {type(value).__name__} with {size} elements; "
+                "pass e.g. tensor.mean().item()"
+            )
         value = value.item()
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, Real):
         value = float(value) if not isinstance(value, int) else value
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"value must be finite, got {value}")
+            raise ValueError(f"value for {name!r} must be finite, got {value}")
         return value
-    raise TypeError(f"value must be a number, bool or string, got {type(value).__name__}")
+    raise TypeError(f"value for {name!r} must be a number, bool or string, got {type(value).__name__}")
 
 
 def record(name: str, value, unit: str = "", note: str = "") -> None:
     """Record one headline number of the running experiment."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
-    _RECORDS[name] = {"value": _plain(value), "unit": unit, "note": note}
+    _RECORDS[name] = {"value": _plain(value, name), "unit": unit, "note": note}
     target = os.environ.get(RECORD_ENV)
     if target:
         atomic_write_text(json.dumps(_RECORDS, indent=2, sort_keys=True), target)

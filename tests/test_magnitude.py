@@ -235,3 +235,13 @@ def test_iterative_magnitude_pruning_tracks_stages_and_finetunes():
         iterative_magnitude_pruning(mlp(), [0.5, 0.3])
     with pytest.raises(ValueError, match="sparsity"):
         iterative_magnitude_pruning(mlp(), [0.5, 1.0])
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_prune_magnitude_refuses_nan_weights_naming_the_parameter(scope):
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"2.weight.*NaN"):
+        prune_magnitude(model, 0.5, scope=scope)
+    assert masks_of(model) == {}

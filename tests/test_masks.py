@@ -145,3 +145,40 @@ def test_remove_and_enforce():
     assert (model[0].weight[model[0].weight_mask == 0] == 0).all()
     removed = remove_masks(model)
     assert sorted(removed) == ["0.weight", "2.weight"] and masks_of(model) == {}
+
+
+def test_masked_optimizer_keeps_its_old_api_and_copies():
+    import copy
+    import pickle
+
+    model = mlp()
+    apply_masks(model, random_masks(model))
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = MaskedOptimizer(inner, model)
+    assert isinstance(opt, torch.optim.Optimizer) and opt.optimizer is inner
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.defaults is inner.defaults
+    assert "MaskedOptimizer(SGD" in repr(opt)
+    calls = []
+    opt.register_step_post_hook(lambda *a: calls.append(1))
+    opt.zero_grad()
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    assert calls == [1] and inner.state[model[0].weight]["momentum_buffer"] is opt.state[model[0].weight]["momentum_buffer"]
+    twin = copy.deepcopy(opt)
+    assert twin.optimizer is not inner and twin.param_groups is twin.optimizer.param_groups
+    again = pickle.loads(pickle.dumps(opt))
+    assert again.param_groups[0]["lr"] == 0.1 and again.model is not model
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        MaskedOptimizer(object(), model)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        MaskedOptimizer(inner, "model")
+    with pytest.raises(AttributeError):
+        opt.no_such_option
+
+
+def test_apply_masks_checks_every_mask_before_applying_any():
+    model = mlp()
+    before = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="2.weight"):
+        apply_masks(model, {"0.weight": torch.zeros(16, 8), "2.weight": torch.full((4, 16), 2.0)})
+    assert masks_of(model) == {} and torch.equal(model[0].weight, before)
