@@ -764,7 +764,8 @@ def recorded_gpu_results(folder=None) -> list[dict]:
     Two kinds of file: the first H200 runs (`h200_gpu_check.json`,
     `h200_semi_structured_2to4.json`), described by `benchmarks/provenance.json`
     (date, commit, script, device: the files themselves hold rows only), and
-    the files `benchmark_main` writes (`benchmarks/gpu/*.json`), which carry
+    the files `benchmark_main` writes (`benchmarks/gpu/semi_structured*.json`,
+    by `scripts/gpu_check.sh`), which carry
     their own date, machine, commit and command. Returns
     [{"file", "date", "by", "device", "torch", "what", "data"}], oldest first.
     Nothing here is measured now; callers must label it as recorded.
@@ -781,7 +782,7 @@ def recorded_gpu_results(folder=None) -> list[dict]:
             raise FileNotFoundError(f"{prov_path} describes {name}, which is missing")
         found.append({"file": f"benchmarks/{name}", "date": p["date"], "by": p["by"], "device": p["device"], "torch": p.get("torch", "not recorded"),
                       "what": p["what"], "data": json.loads(path.read_text())})
-    for path in sorted((root / "gpu").glob("*.json")):
+    for path in sorted((root / "gpu").glob("semi_structured*.json")):
         data = json.loads(path.read_text())
         machine = data.get("machine", {})
         found.append({"file": f"benchmarks/gpu/{path.name}", "date": data.get("date", "not recorded"), "by": data.get("command", "not recorded"),
@@ -836,14 +837,17 @@ def _smollm_2to4(method: str, calibration_tokens: int) -> tuple[nn.Module, str]:
     except Exception as e:  # not installed on this machine: same shapes with random weights, said plainly
         model = random_llama_2to4("smollm2-135m", num_layers=LLAMA_WIDTHS["smollm2-135m"]["num_layers"], vocab_size=49152)
         return model, f"random weights at SmolLM2-135M shapes, 2:4 by magnitude (SmolLM2 did not load: {type(e).__name__}: {e})"
-    model = model.to("cuda")
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     try:
         from chapter11.data import pydoc_topics, text_tokens
         from chapter11.oneshot import prune_llm
 
-        calib = text_tokens(tokenizer, pydoc_topics("calibration"), max_tokens=calibration_tokens)
-        prune_llm(model, calib, method=method, n=2, m=4)
-        how = f"SmolLM2-135M-Instruct pruned 2:4 by {method} (chapter11.oneshot.prune_llm, {calibration_tokens} calibration tokens)"
+        seq_len = 128
+        calib = text_tokens(tokenizer, pydoc_topics("calibration"), max_tokens=calibration_tokens)  # (tokens,)
+        calib = calib[: len(calib) // seq_len * seq_len].reshape(-1, seq_len).to(model.device)  # (sequences, 128)
+        prune_llm(model, calib, method=method, sparsity=None, n=2, m=4, progress_bar=False)
+        check_2to4_linears(model)
+        how = f"SmolLM2-135M-Instruct pruned 2:4 by {method} (chapter11.oneshot.prune_llm, {calib.numel()} calibration tokens)"
     except Exception as e:  # the one-shot module may be missing or have another signature: fall back, and say so
         masks = nm_masks(model, exclude=["lm_head"])
         from chapter11.masks import apply_masks
@@ -865,7 +869,7 @@ def benchmark_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens", type=_int_list, default=[256, 1024, 4096, 16384], help="token counts per layer product (comma-separated)")
     parser.add_argument("--modes", default="eager,graph", help="comma-separated: eager, graph, compile")
     parser.add_argument("--compile-widths", default="llama-7b", help="widths also timed with torch.compile (reduce-overhead); '' for none")
-    parser.add_argument("--compile-tokens", type=_int_list, default=[1024, 4096], help="token counts for the compile mode")
+    parser.add_argument("--compile-tokens", type=_int_list, default=[4096], help="token counts for the compile mode (each one compiles anew)")
     parser.add_argument("--repeats", type=int, default=10, help="timed samples per candidate (median reported)")
     parser.add_argument("--llm", action="store_true", help="also the end-to-end 2:4 LLMs: SmolLM2 and random LLaMA-1B/7B-width blocks")
     parser.add_argument("--method", default="wanda", choices=("wanda", "sparsegpt"), help="one-shot pruning method for SmolLM2")

@@ -271,14 +271,14 @@ def test_recorded_gpu_results_need_the_described_files(tmp_path):
 @pytest.mark.cuda
 @cuda
 def test_semi_structured_matches_dense_on_gpu():
-    rows = semi_structured_benchmark(shapes=[(1024, 1024), (256, 512)], tokens=(64, 512), modes=("eager", "graph", "compile"), repeats=3, inner=2)
-    assert len(rows) == 2 * 2 * 3
+    rows = semi_structured_benchmark(shapes=[(1024, 1024), (256, 512)], tokens=(64, 512), modes=("eager", "graph"), repeats=3, inner=2)
+    assert len(rows) == 2 * 2 * 2
     for r in rows:
-        if r["mode"] == "compile" and r["error"]:
-            continue  # torch.compile may refuse the sparse subclass; the row says why
         assert r["error"] is None, r
         assert r["max_rel_err"] < 1e-2 and r["speedup"] > 0 and r["dense_s"] > 0
     assert all(r["backend"].startswith("SparseSemiStructured") for r in rows)
+    (row,) = semi_structured_benchmark(shapes=[(512, 512)], tokens=(256,), modes=("compile",), repeats=3, inner=2)
+    assert row["error"] or (row["max_rel_err"] < 1e-2 and row["speedup"] > 0)  # torch.compile may refuse the subclass; the row says why
     if torch.cuda.get_device_capability(0)[0] != 8:
         return  # torch's CUTLASS 2:4 kernels exist only for compute capability 8.x (A100-class); Hopper uses cuSPARSELt
     rows = semi_structured_benchmark(shapes=[(1024, 1024)], tokens=(256,), repeats=3, backend="cutlass")
