@@ -21,12 +21,20 @@ target runtime". This module covers the ONNX Runtime (ORT) path on a CPU:
 - `benchmark_onnx`: throughput of several sessions timed interleaved in one run
   (`chapter11.bench.compare`), with speedups over a reference.
 
+- `to_sparse_matmul_onnx`, `sparse_matmul_session`: ORT's one sparse
+  kernel, the contrib operator `com.microsoft.SparseToDenseMatMul` (a sparse
+  matrix times a dense one). Each mostly-zero Gemm becomes that operator plus
+  a Transpose (and an Add for the bias). The operator reads its sparse
+  argument only from a graph *input* of type `sparse_tensor`, fed at run time
+  as an ORT CSR tensor (`SparseMatMulSession` keeps them and feeds them on
+  every call); stored as a sparse initializer the file does not load.
+
 What to expect (and why): ORT turns sparse initializers back into dense
 tensors when it loads a model (microsoft/onnxruntime PR #5540), and its CPU
 matrix kernels multiply every zero, so unstructured sparsity shrinks the file
 but not the time. Only a physically smaller model (structured pruning,
-`chapter11.structured.channels.remove_channels`) or cheaper arithmetic
-(int8) runs faster.
+`chapter11.structured.channels.remove_channels`), cheaper arithmetic (int8),
+or the sparse contrib operator at high enough sparsity runs faster.
 
     >>> import numpy as np
     >>> sp = to_sparse_tensor(np.array([[0.0, 2.0], [0.0, 3.0]], dtype=np.float32), "W")
@@ -38,8 +46,9 @@ but not the time. Only a physically smaller model (structured pruning,
 
 But: single-file models under 2 GB only (no external data), CPU execution
 provider only, float32 and int8 initializers as exported by torch / ORT's
-quantizer; no sparse kernels (ORT has none that read sparse initializers), no
-static (calibrated) quantization.
+quantizer; the sparse operator rewrite handles plain Gemm nodes (alpha = beta
+= 1, transA = 0) with float32 weights only, and no static (calibrated)
+quantization.
 """
 
 from __future__ import annotations
@@ -80,7 +89,11 @@ __all__ = [
     "file_bytes",
     "benchmark_onnx",
     "format_benchmark",
+    "to_sparse_matmul_onnx",
+    "sparse_matmul_session",
+    "SparseMatMulSession",
     "INDEX_DTYPES",
+    "WEIGHTS_SUFFIX",
 ]
 
 INDEX_DTYPES = ("int64", "int32")
@@ -378,6 +391,149 @@ def quantize_int8(src, dst, per_channel: bool = False) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dst
+
+
+# ---------------------------------------------------------------- ORT's sparse operator
+
+WEIGHTS_SUFFIX = ".sparse_weights.npz"
+
+
+def _attr(node, name: str, default):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def to_sparse_matmul_onnx(src, dst, min_sparsity: float = 0.5, store: str = "input") -> dict[str, dict]:
+    """Copy `src` to `dst` with each mostly-zero Gemm running on `com.microsoft.SparseToDenseMatMul`.
+
+    A Gemm y = x W^T + b (transB = 1, alpha = beta = 1, transA = 0) whose
+    float32 weight W is at least `min_sparsity` zeros becomes
+    y^T = SparseToDenseMatMul(W, x^T) (out, batch) between two Transposes,
+    then Add b. (The operator's transB attribute would save the first
+    Transpose, but ORT's shape inference ignores it and rejects the next
+    layer.) `store` says where W goes:
+
+    - "input" (what ORT runs): W becomes a graph input of type
+      `sparse_tensor(float)`; its CSR parts are written next to `dst` as
+      `dst + WEIGHTS_SUFFIX` (an .npz), and `sparse_matmul_session` feeds them.
+    - "initializer": W stays in the file as a sparse initializer. ORT
+      densifies those at load time, so the session refuses the graph; kept to
+      show that failure.
+
+    Returns {weight name: {"shape", "sparsity", "nnz"}} for the moved weights.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    check_sparsity(min_sparsity, "min_sparsity")
+    if store not in ("input", "initializer"):
+        raise ValueError(f"store must be 'input' or 'initializer', got {store!r}")
+    dst = _check_path(dst, "dst")
+    model = load_onnx(src)
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    moved, parts, nodes = {}, {}, []
+    for node in graph.node:
+        w_name = node.input[1] if node.op_type == "Gemm" and len(node.input) >= 2 else None
+        plain = (w_name in inits and uses.get(w_name) == 1 and _attr(node, "transB", 0) == 1 and _attr(node, "transA", 0) == 0
+                 and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0)
+        W = onnx.numpy_helper.to_array(inits[w_name]) if plain else None
+        if W is None or W.dtype != np.float32 or W.ndim != 2 or 1 - np.count_nonzero(W) / W.size < min_sparsity:
+            nodes.append(node)
+            continue
+        y = node.output[0]
+        xt, yt, yd = f"{y}__input_t", f"{y}__sparse_t", f"{y}__dense"
+        # ORT's shape inference for this operator ignores transB, so the input is transposed by its own node
+        nodes.append(helper.make_node("Transpose", [node.input[0]], [xt], perm=[1, 0], name=f"{node.name}_input_t"))
+        nodes.append(helper.make_node("SparseToDenseMatMul", [w_name, xt], [yt], domain="com.microsoft", name=f"{node.name}_sparse"))
+        has_bias = len(node.input) >= 3 and node.input[2]
+        nodes.append(helper.make_node("Transpose", [yt], [yd if has_bias else y], perm=[1, 0], name=f"{node.name}_transpose"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [yd, node.input[2]], [y], name=f"{node.name}_bias"))
+        moved[w_name] = {"shape": tuple(W.shape), "sparsity": 1 - np.count_nonzero(W) / W.size, "nnz": int(np.count_nonzero(W))}
+        parts[w_name] = W
+    if not moved:
+        raise ValueError(f"src: no Gemm weight is at least {min_sparsity:.0%} zeros; nothing to rewrite")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    keep = [i for i in graph.initializer if i.name not in moved]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    info = [v for v in graph.value_info if v.name not in moved]  # the exporter's dense type for W no longer holds
+    del graph.value_info[:]
+    graph.value_info.extend(info)
+    for name, W in parts.items():
+        if store == "input":
+            graph.input.append(helper.make_sparse_tensor_value_info(name, TensorProto.FLOAT, list(W.shape)))
+        else:
+            graph.sparse_initializer.append(to_sparse_tensor(W, name))
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    save_onnx(model, dst)
+    if store == "input":
+        buffer = io.BytesIO()
+        csr = {}
+        for name, W in parts.items():
+            rows, cols = np.nonzero(W)  # row-major order: CSR's order
+            indptr = np.zeros(W.shape[0] + 1, dtype=np.int64)  # (rows + 1,)
+            np.cumsum(np.bincount(rows, minlength=W.shape[0]), out=indptr[1:])
+            csr[f"{name}::data"], csr[f"{name}::indices"] = W[rows, cols], cols.astype(np.int64)
+            csr[f"{name}::indptr"], csr[f"{name}::shape"] = indptr, np.array(W.shape, dtype=np.int64)
+        np.savez(buffer, **csr)
+        atomic_write_bytes(buffer.getvalue(), Path(str(dst) + WEIGHTS_SUFFIX))
+    return moved
+
+
+class SparseMatMulSession:
+    """An ORT session whose sparse-tensor inputs (weights) are fed as CSR on every call.
+
+    Behaves like an `onnxruntime.InferenceSession` for `run_onnx`,
+    `check_agreement` and `benchmark_onnx`: `get_inputs()` lists only the
+    dense inputs, and `run(None, feeds)` adds the weights.
+    """
+
+    def __init__(self, session, weights: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]]):
+        import onnxruntime as ort
+
+        self.session = session
+        self._arrays = dict(weights)  # ORT's CSR tensors point into these arrays: keep them alive
+        device = ort.OrtDevice.make("cpu", 0)
+        self._values = {}
+        for name, (data, indices, indptr, shape) in self._arrays.items():
+            tensor = ort.SparseTensor.sparse_csr_from_numpy(np.array(shape, dtype=np.int64), data, indices, indptr, device)
+            self._values[name] = ort.OrtValue.ort_value_from_sparse_tensor(tensor)
+
+    def get_inputs(self):
+        return [i for i in self.session.get_inputs() if i.name not in self._values]
+
+    def get_outputs(self):
+        return self.session.get_outputs()
+
+    def run(self, output_names, feeds):
+        import onnxruntime as ort
+
+        values = dict(self._values)
+        values.update({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()})
+        names = output_names or [o.name for o in self.session.get_outputs()]
+        return [v.numpy() for v in self.session.run_with_ort_values(names, values)]
+
+
+def sparse_matmul_session(path, threads: int = 2, spinning: bool = False) -> SparseMatMulSession:
+    """A `SparseMatMulSession` for a file written by `to_sparse_matmul_onnx(..., store="input")`."""
+    path = _check_existing(path)
+    weights_path = _check_existing(Path(str(path) + WEIGHTS_SUFFIX), "weights file")
+    with np.load(weights_path) as z:
+        names = sorted({k.split("::")[0] for k in z.files})
+        weights = {n: (z[f"{n}::data"], z[f"{n}::indices"], z[f"{n}::indptr"], tuple(int(d) for d in z[f"{n}::shape"])) for n in names}
+    return SparseMatMulSession(ort_session(path, threads=threads, spinning=spinning), weights)
 
 
 # ---------------------------------------------------------------- running

@@ -25,6 +25,9 @@ from chapter11.export import (
     sparsify_onnx,
     to_sparse_tensor,
     to_sparse_tensor_loop,
+    to_sparse_matmul_onnx,
+    sparse_matmul_session,
+    WEIGHTS_SUFFIX,
 )
 from chapter11.magnitude import prune_magnitude
 from chapter11.masks import masks_of
@@ -308,3 +311,56 @@ def test_dynamo_exporter_agrees_with_pytorch(models, tmp_path):
     graph_input = load_onnx(path).graph.input[0]
     assert graph_input.type.tensor_type.shape.dim[0].dim_param  # the batch axis is symbolic
     check_agreement(model, ort_session(path), torch.randn(5, 20), tol=1e-5)
+
+
+# ---------------------------------------------------------------- ORT's SparseToDenseMatMul
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_sparse_matmul_rewrite_agrees_with_pytorch(models, tmp_path, dynamo):
+    src = export_onnx(models["pruned"], torch.zeros(1, 20), tmp_path / "pruned.onnx", dynamo=dynamo)
+    moved = to_sparse_matmul_onnx(src, tmp_path / "op.onnx")
+    assert set(moved) == {"fc1.weight", "fc2.weight", "fc3.weight"}
+    assert all(abs(m["sparsity"] - 0.9) < 0.01 and m["nnz"] == round(0.1 * np.prod(m["shape"])) for m in moved.values())
+    graph = onnx.load(tmp_path / "op.onnx").graph
+    assert [n.op_type for n in graph.node].count("SparseToDenseMatMul") == 3 and "Gemm" not in [n.op_type for n in graph.node]
+    assert not {i.name for i in graph.initializer} & set(moved)  # the weights left the file ...
+    assert {i.name for i in graph.input} >= set(moved)  # ... and became sparse inputs
+    session = sparse_matmul_session(tmp_path / "op.onnx")
+    assert [i.name for i in session.get_inputs()] == ["x"]
+    x = torch.randn(17, 20, generator=torch.Generator().manual_seed(2))
+    result = check_agreement(models["pruned"], session, x, tol=1e-5, min_argmax_agreement=1.0)
+    assert result["rel_diff"] <= 1e-5
+    rows = benchmark_onnx({"dense": ort_session(src), "op": session}, batches=(1, 4), repeats=2, warmup=1)
+    assert {r["name"] for r in rows} == {"dense", "op"}
+
+
+def test_sparse_matmul_as_initializer_does_not_load(models, files, tmp_path):
+    paths, _ = files
+    to_sparse_matmul_onnx(paths["pruned"], tmp_path / "init.onnx", store="initializer")
+    assert not (tmp_path / ("init.onnx" + WEIGHTS_SUFFIX)).exists()
+    assert len(onnx.load(tmp_path / "init.onnx").graph.sparse_initializer) == 3
+    with pytest.raises(Exception, match="tensor\\(float\\)' of input parameter"):  # ORT densified the sparse initializer
+        ort_session(tmp_path / "init.onnx")
+
+
+def test_sparse_matmul_skips_dense_layers_and_rejects_bad_arguments(models, files, tmp_path):
+    paths, _ = files
+    one = copy.deepcopy(models["dense"])
+    prune_magnitude(one, 0.9, scope="layerwise", exclude=["fc1", "fc3"])
+    src = export_onnx(one, torch.zeros(1, 20), tmp_path / "one.onnx", dynamo=False)
+    assert set(to_sparse_matmul_onnx(src, tmp_path / "one_op.onnx")) == {"fc2.weight"}
+    assert [n.op_type for n in onnx.load(tmp_path / "one_op.onnx").graph.node].count("Gemm") == 2  # fc1, fc3 stay dense
+    check_agreement(one, sparse_matmul_session(tmp_path / "one_op.onnx"), torch.randn(5, 20), tol=1e-5)
+    with pytest.raises(ValueError, match="no Gemm weight is at least 95% zeros"):
+        to_sparse_matmul_onnx(paths["pruned"], tmp_path / "x.onnx", min_sparsity=0.95)
+    with pytest.raises(ValueError, match="no Gemm weight is at least 50% zeros"):
+        to_sparse_matmul_onnx(paths["dense"], tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="store must be"):
+        to_sparse_matmul_onnx(paths["pruned"], tmp_path / "x.onnx", store="disk")
+    with pytest.raises(ValueError, match="min_sparsity"):
+        to_sparse_matmul_onnx(paths["pruned"], tmp_path / "x.onnx", min_sparsity=1.0)
+    to_sparse_matmul_onnx(paths["pruned"], tmp_path / "lost.onnx")
+    (tmp_path / ("lost.onnx" + WEIGHTS_SUFFIX)).unlink()
+    with pytest.raises(FileNotFoundError, match="weights file"):
+        sparse_matmul_session(tmp_path / "lost.onnx")
