@@ -67,6 +67,9 @@ __all__ = [
     "topk_mask",
     "threshold_mask_loop",
     "threshold_mask",
+    "global_threshold_loop",
+    "global_threshold",
+    "global_topk_masks",
     "standardize",
     "mixed_scores_loop",
     "mixed_scores",
@@ -74,6 +77,7 @@ __all__ = [
     "soft_penalty",
     "TopKSTE",
     "ThresholdSTE",
+    "StraightThrough",
     "MaskedLinear",
     "encoder_linear_names",
     "wrap_linears",
@@ -89,6 +93,12 @@ __all__ = [
     "FinePruneResult",
     "evaluate_classifier",
     "fine_prune",
+    "GridSettings",
+    "run_one",
+    "run_grid",
+    "grid_summaries",
+    "FULL_RUN_NAME",
+    "full_run",
 ]
 
 METHODS = ("magnitude", "hard", "soft", "mixed")
@@ -199,6 +209,15 @@ def _num_pruned(n: int, sparsity: float) -> int:
     return check_amount(check_sparsity(sparsity, "sparsity"), n)
 
 
+def _check_scores(scores, name: str = "scores") -> torch.Tensor:
+    """Refuse what cannot be ranked: a non-tensor, or NaN (which top-k would rank as largest)."""
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.is_floating_point() and torch.isnan(scores).any():
+        raise ValueError(f"{name} contains NaN ({int(torch.isnan(scores).sum())} of {scores.numel()}); NaN scores cannot be ranked")
+    return scores
+
+
 def topk_mask_loop(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep the n - round(sparsity * n) largest scores, by repeated selection.
 
@@ -207,7 +226,7 @@ def topk_mask_loop(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     >>> topk_mask_loop(torch.tensor([0.3, -1.0, 2.0, 0.1]), 0.5)
     tensor([1., 0., 1., 0.])
     """
-    values = scores.detach().flatten().tolist()
+    values = _check_scores(scores).detach().flatten().tolist()
     keep = len(values) - _num_pruned(len(values), sparsity)
     mask = [0.0] * len(values)
     for _ in range(keep):
@@ -226,7 +245,7 @@ def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     tensor([[1., 0.],
             [1., 0.]])
     """
-    flat = scores.detach().flatten()  # (n,)
+    flat = _check_scores(scores).detach().flatten()  # (n,)
     keep = flat.numel() - _num_pruned(flat.numel(), sparsity)
     mask = torch.zeros_like(flat, dtype=torch.float32)  # (n,)
     if keep > 0:
@@ -247,6 +266,7 @@ def threshold_mask_loop(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     tensor([0., 0., 1.])
     """
     tau = _check_threshold(threshold)
+    _check_scores(scores)
     out = [1.0 if 1.0 / (1.0 + math.exp(-s)) > tau else 0.0 for s in scores.detach().flatten().tolist()]
     return torch.tensor(out, dtype=torch.float32).reshape(scores.shape)
 
@@ -259,7 +279,75 @@ def threshold_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
             [1., 1.]])
     """
     tau = _check_threshold(threshold)
+    _check_scores(scores)
     return (torch.sigmoid(scores.detach().float()) > tau).float()  # same shape as scores
+
+
+def _check_score_list(score_tensors) -> list[torch.Tensor]:
+    if isinstance(score_tensors, torch.Tensor) or not isinstance(score_tensors, Sequence) or len(score_tensors) == 0:
+        raise TypeError("score_tensors must be a non-empty sequence of tensors (one per layer)")
+    return [_check_scores(S, f"score_tensors[{i}]") for i, S in enumerate(score_tensors)]
+
+
+def global_threshold_loop(score_tensors: Sequence[torch.Tensor], sparsity: float) -> float:
+    """The cut c such that `S > c` keeps all but the round(sparsity * N) smallest scores of all layers.
+
+    N counts the scores of every tensor together: one threshold for the
+    whole model, so layers end up with different sparsities (soft movement's
+    global threshold). c is the k-th smallest score, k = round(sparsity * N);
+    k = 0 gives -inf (keep everything). Scores tied with c are all pruned.
+
+    >>> global_threshold_loop([torch.tensor([0.3, -1.0]), torch.tensor([2.0, 0.1])], 0.5)
+    0.10000000149011612
+    """
+    tensors = _check_score_list(score_tensors)
+    values = [v for S in tensors for v in S.detach().flatten().tolist()]
+    k = _num_pruned(len(values), sparsity)
+    if k == 0:
+        return -math.inf
+    for _ in range(k - 1):  # drop the k - 1 smallest, one at a time
+        values.remove(min(values))
+    return min(values)
+
+
+def global_threshold(score_tensors: Sequence[torch.Tensor], sparsity: float) -> float:
+    """Vectorised `global_threshold_loop` (one `kthvalue` over all layers' scores).
+
+    >>> c = global_threshold([torch.tensor([[0.3, -1.0]]), torch.tensor([2.0, 0.1, 5.0])], 0.4)
+    >>> c, [int((S > c).sum()) for S in (torch.tensor([[0.3, -1.0]]), torch.tensor([2.0, 0.1, 5.0]))]
+    (0.10000000149011612, [1, 2])
+    """
+    tensors = _check_score_list(score_tensors)
+    flat = torch.cat([S.detach().flatten().float() for S in tensors])  # (N,)
+    k = _num_pruned(flat.numel(), sparsity)
+    if k == 0:
+        return -math.inf
+    return float(torch.kthvalue(flat, k).values)
+
+
+def global_topk_masks(score_tensors: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """0/1 masks, one per tensor, that prune exactly the round(sparsity * N) smallest scores of all tensors.
+
+    The same choice as `topk_mask` on all the scores concatenated (ties at
+    the cut keep the lower index, in concatenation order), computed with one
+    `kthvalue` instead of a top-k over N values.
+
+    >>> [m.tolist() for m in global_topk_masks([torch.tensor([0.3, -1.0]), torch.tensor([2.0, 0.1, 0.1])], 0.4)]
+    [[1.0, 0.0], [1.0, 1.0, 0.0]]
+    """
+    tensors = _check_score_list(score_tensors)
+    cut = global_threshold(tensors, sparsity)
+    flat = torch.cat([S.detach().flatten().float() for S in tensors])  # (N,)
+    keep = flat > cut  # (N,) bool
+    extra = int((~keep).sum()) - _num_pruned(flat.numel(), sparsity)  # > 0 only when scores tie at the cut
+    if extra > 0:
+        tied = torch.nonzero(flat == cut).flatten()  # ascending indices
+        keep[tied[:extra]] = True
+    masks, start = [], 0
+    for S in tensors:
+        masks.append(keep[start:start + S.numel()].reshape(S.shape).float())
+        start += S.numel()
+    return masks
 
 
 def standardize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -372,6 +460,28 @@ class ThresholdSTE(torch.autograd.Function):
         return grad_mask, None
 
 
+class StraightThrough(torch.autograd.Function):
+    """Forward: a given 0/1 `mask`, returned exactly. Backward: the gradient goes to `scores` unchanged.
+
+    The trick `mask + scores - scores.detach()` has the same gradient but its
+    value is rounded: 1 + 0.3 - 0.3 is 0.99999994 in float32. This returns
+    the mask itself.
+
+    >>> s = torch.tensor([0.3, -2.0], requires_grad=True)
+    >>> m = StraightThrough.apply(s, torch.tensor([1.0, 0.0]))
+    >>> m.tolist(), torch.autograd.grad((m * torch.tensor([2.0, 3.0])).sum(), s)[0].tolist()
+    ([1.0, 0.0], [2.0, 3.0])
+    """
+
+    @staticmethod
+    def forward(ctx, scores, mask):
+        return mask.to(scores.dtype).clone()
+
+    @staticmethod
+    def backward(ctx, grad_mask):
+        return grad_mask, None
+
+
 # ---------------------------------------------------------------------------
 # The layer
 # ---------------------------------------------------------------------------
@@ -384,7 +494,16 @@ class MaskedLinear(nn.Module):
     `bias` are the wrapped layer's own parameters (shared, not copied);
     "hard", "soft" and "mixed" add a learned `scores` parameter of the
     weight's shape. Set `sparsity` (top-k methods) or `threshold` (soft) at
-    any time; `mask()` gives the current 0/1 mask without gradients.
+    any time, or `set_sparsity(model, s)` for all layers (soft layers then
+    share one global cut on the scores); `mask()` gives the current 0/1 mask
+    without gradients.
+
+    `mask` (optional): an earlier 0/1 mask, e.g. a magnitude mask from
+    `chapter11.masks`. It is kept as the buffer `weight_mask` (the name
+    `chapter11.masks` uses, so `MaskedOptimizer` and checkpoints see it) and
+    multiplies every mask this layer makes: those weights stay pruned
+    whatever the criterion says, and they are the first counted toward the
+    target sparsity (a layer never has fewer zeros than its old mask).
 
     >>> torch.manual_seed(0) is not None
     True
@@ -402,6 +521,7 @@ class MaskedLinear(nn.Module):
         threshold: float = 0.5,
         alpha: float = 0.5,
         score_init: float | None = None,
+        mask: torch.Tensor | None = None,
     ):
         super().__init__()
         if method not in METHODS:
@@ -414,7 +534,16 @@ class MaskedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.sparsity = check_sparsity(sparsity, "sparsity")
         self.threshold = _check_threshold(threshold)
+        self.cut: float | None = None  # soft: the global cut of the last set_sparsity (then `chosen` overrides threshold)
+        self.register_buffer("chosen", None, persistent=False)  # soft: the exact 0/1 mask set_sparsity chose
         self.alpha = _check_alpha(alpha)
+        if mask is not None:
+            from .masks import check_mask
+
+            mask = check_mask(mask, weight, "mask")  # exact 0/1, weight's shape, dtype and device
+            self.register_buffer("weight_mask", mask.clone())
+            with torch.no_grad():
+                weight.copy_(torch.where(mask.bool(), weight, torch.zeros_like(weight)))
         if method == "magnitude":
             self.scores = None
         else:
@@ -424,22 +553,51 @@ class MaskedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, method: str = "hard", **kwargs) -> "MaskedLinear":
-        """Wrap an existing `nn.Linear`, sharing its weight and bias."""
+        """Wrap an existing `nn.Linear`, sharing its weight and bias (and keeping its `weight_mask`, if any)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if hasattr(linear, "weight_orig"):
+            raise TypeError("linear carries torch.nn.utils.prune's reparametrisation (weight_orig); "
+                            "convert it first with chapter11.masks.from_torch_prune")
+        old = getattr(linear, "weight_mask", None)
+        if old is not None and "mask" not in kwargs:
+            kwargs["mask"] = old
         return cls(linear.weight, linear.bias, method=method, **kwargs)
 
-    def _mask_with_grad(self) -> torch.Tensor:
+    @property
+    def fixed_mask(self) -> torch.Tensor | None:
+        """The earlier mask this layer was given (`weight_mask`), or None."""
+        return getattr(self, "weight_mask", None)
+
+    def ranking(self) -> torch.Tensor:
+        """What the criterion ranks, with -inf where the fixed mask already pruned (same shape as weight).
+
+        magnitude: |W|; hard and soft: the scores S (with their gradient);
+        mixed: alpha * z(|W|) + (1 - alpha) * z(S) (no gradient).
+        """
         if self.method == "magnitude":
-            return topk_mask(self.weight.abs(), self.sparsity).to(self.weight.dtype)  # no gradient to |W| through the mask
-        if self.method == "hard":
-            return TopKSTE.apply(self.scores, self.sparsity)
-        if self.method == "soft":
-            return ThresholdSTE.apply(self.scores, self.threshold)
-        # mixed: select on the combined criterion, pass the gradient straight to the scores
-        combined = mixed_scores(self.weight, self.scores, self.alpha)  # (out, in), no grad
-        hard = topk_mask(combined, self.sparsity).to(self.scores.dtype)
-        return hard + self.scores - self.scores.detach()  # value = hard mask, d(mask)/d(scores) = 1
+            values = self.weight.detach().abs()  # (out, in)
+        elif self.method == "mixed":
+            values = mixed_scores(self.weight, self.scores, self.alpha)  # (out, in)
+        else:
+            values = self.scores  # (out, in)
+        fixed = self.fixed_mask
+        return values if fixed is None else values.masked_fill(fixed == 0, -math.inf)
+
+    def _mask_with_grad(self) -> torch.Tensor:
+        ranked = self.ranking()  # (out, in)
+        if self.method == "magnitude":
+            mask = topk_mask(ranked, self.sparsity).to(self.weight.dtype)  # no gradient to |W| through the mask
+        elif self.method == "hard":
+            mask = TopKSTE.apply(ranked, self.sparsity)
+        elif self.method == "soft" and self.chosen is None:
+            mask = ThresholdSTE.apply(ranked, self.threshold)
+        elif self.method == "soft":
+            mask = StraightThrough.apply(self.scores, self.chosen)  # chosen across layers by set_sparsity
+        else:  # mixed: select on the combined criterion, pass the gradient straight to the scores
+            mask = StraightThrough.apply(self.scores, topk_mask(ranked, self.sparsity))  # value exactly 0/1
+        fixed = self.fixed_mask
+        return mask if fixed is None else mask * fixed  # 0/1 times 0/1 stays exact
 
     @torch.no_grad()
     def mask(self) -> torch.Tensor:
@@ -451,8 +609,12 @@ class MaskedLinear(nn.Module):
         return F.linear(x, pruned, self.bias)  # (..., out)
 
     def extra_repr(self) -> str:
-        extra = f", threshold={self.threshold}" if self.method == "soft" else f", sparsity={self.sparsity:.3f}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method!r}{extra}"
+        if self.method == "soft":
+            extra = f", threshold={self.threshold}" if self.cut is None else f", cut={self.cut:.4g}"
+        else:
+            extra = f", sparsity={self.sparsity:.3f}"
+        fixed = ", with an earlier mask" if self.fixed_mask is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method!r}{extra}{fixed}"
 
 
 # ---------------------------------------------------------------------------
@@ -489,7 +651,10 @@ def wrap_linears(model: nn.Module, method: str = "hard", names: Iterable[str] | 
 
     `names` defaults to `encoder_linear_names(model)`. Extra keyword
     arguments (sparsity, threshold, alpha, score_init) go to `MaskedLinear`.
-    Returns the wrapped names.
+    A layer that already holds a mask (`weight_mask`, from
+    `chapter11.masks.apply_masks` or `prune_magnitude`) keeps it: its pruned
+    weights stay pruned through training and `finalize`. Returns the
+    wrapped names.
 
     >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     >>> wrap_linears(model, "magnitude", names=["0"], sparsity=0.25)
@@ -521,14 +686,31 @@ def masked_layers(model: nn.Module) -> dict[str, MaskedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MaskedLinear)}
 
 
+@torch.no_grad()
 def set_sparsity(model: nn.Module, sparsity: float) -> None:
-    """Set the target sparsity of every top-k `MaskedLinear` (soft layers ignore it)."""
+    """Set the target sparsity of every `MaskedLinear` of `model`.
+
+    Top-k layers (magnitude, hard, mixed) each keep their own top
+    (1 - sparsity) share. Soft layers share one cut on the scores
+    (`global_threshold`; `global_topk_masks` breaks ties), so that together
+    they prune exactly round(sparsity * N) of their N weights; each soft
+    layer then has its own sparsity. Soft masks are chosen from the scores
+    as they are now and kept until the next call: call again after the
+    scores change (fine-pruning does, before every step and at the end).
+    """
     sparsity = check_sparsity(sparsity, "sparsity")
     layers = masked_layers(model)
     if not layers:
         raise ValueError(f"model: {type(model).__name__} has no MaskedLinear layers; call wrap_linears first")
+    soft = [layer for layer in layers.values() if layer.method == "soft"]
     for layer in layers.values():
         layer.sparsity = sparsity
+    if soft:
+        ranked = [layer.ranking().detach() for layer in soft]
+        cut = global_threshold(ranked, sparsity)
+        for layer, chosen in zip(soft, global_topk_masks(ranked, sparsity)):
+            layer.cut = cut
+            layer.chosen = chosen.to(layer.scores.dtype)
 
 
 @torch.no_grad()
@@ -544,10 +726,14 @@ def masked_sparsity(model: nn.Module) -> float:
 
 @torch.no_grad()
 def finalize(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Swap every `MaskedLinear` back for a plain `nn.Linear` holding W * M, in place.
+    """Swap every `MaskedLinear` back for a plain `nn.Linear` holding W where M = 1 and 0 elsewhere, in place.
 
+    Kept weights are copied, never multiplied, so they come back bit for bit.
     Returns the masks by parameter name (`"encoder.0.weight"`), ready for
-    `chapter11.masks.apply_masks` if the zeros must stay zero in later training.
+    `chapter11.masks.apply_masks` if the zeros must stay zero in later
+    training. A layer that was wrapped with an earlier mask (`weight_mask`)
+    gets its `weight_mask` back, now the product of the old mask and the new
+    one, so `MaskedOptimizer` keeps every pruned weight at zero.
 
     >>> model = nn.Sequential(nn.Linear(4, 2))
     >>> _ = wrap_linears(model, "magnitude", names=["0"], sparsity=0.5)
@@ -560,12 +746,14 @@ def finalize(model: nn.Module) -> dict[str, torch.Tensor]:
         raise ValueError(f"model: {type(model).__name__} has no MaskedLinear layers to finalize")
     masks = {}
     for name, layer in layers.items():
-        mask = layer.mask()  # (out, in)
+        mask = layer.mask()  # (out, in), exactly 0/1
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                            device=layer.weight.device, dtype=layer.weight.dtype)
-        linear.weight.copy_(layer.weight * mask)
+        linear.weight.copy_(torch.where(mask.bool(), layer.weight, torch.zeros_like(layer.weight)))  # no rescaling
         if layer.bias is not None:
             linear.bias.copy_(layer.bias)
+        if layer.fixed_mask is not None:
+            linear.register_buffer("weight_mask", mask.clone())
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, linear)
@@ -610,22 +798,29 @@ def minilm_classifier(num_labels: int, layers: int = 6, freeze_word_embeddings: 
 
 @dataclass
 class DocstringTask:
-    """Tokenised stdlib-docstring classification: which package a docstring comes from."""
+    """Tokenised stdlib-docstring classification: which package a docstring comes from.
+
+    `val` (optional) is for every choice (steps, penalties); `test` is
+    reported once, at the end.
+    """
 
     train: torch.utils.data.TensorDataset  # (input_ids (N, T), attention_mask (N, T), labels (N,))
     test: torch.utils.data.TensorDataset
     class_names: list[str]
     train_counts: list[int]
     test_counts: list[int]
+    val: torch.utils.data.TensorDataset | None = None
+    val_counts: list[int] | None = None
 
 
 def docstring_task(tokenizer, max_length: int = 32, max_per_class: int | None = 120, test_per_class: int = 30,
-                   packages: Sequence[str] | None = None, seed: int = 0) -> DocstringTask:
-    """Split `chapter11.data.stdlib_docstrings` per class into train and test, then tokenise.
+                   packages: Sequence[str] | None = None, seed: int = 0, val_per_class: int = 0) -> DocstringTask:
+    """Split `chapter11.data.stdlib_docstrings` per class into train, validation and test, then tokenise.
 
     Each class gives its first `test_per_class` (shuffled) docstrings to the
-    test set and the rest, up to `max_per_class` in all, to the training set.
-    Texts are cut to `max_length` tokens.
+    test set, the next `val_per_class` to the validation set and the rest,
+    up to `max_per_class` in all, to the training set. Texts are cut to
+    `max_length` tokens.
     """
     from .data import DEFAULT_PACKAGES, stdlib_docstrings
 
@@ -633,17 +828,20 @@ def docstring_task(tokenizer, max_length: int = 32, max_per_class: int | None = 
         raise ValueError(f"max_length must be an int >= 4, got {max_length!r}")
     if isinstance(test_per_class, bool) or not isinstance(test_per_class, int) or test_per_class < 1:
         raise ValueError(f"test_per_class must be a positive int, got {test_per_class!r}")
+    if isinstance(val_per_class, bool) or not isinstance(val_per_class, int) or val_per_class < 0:
+        raise ValueError(f"val_per_class must be an int >= 0, got {val_per_class!r}")
     texts, labels, names = stdlib_docstrings(packages=tuple(packages or DEFAULT_PACKAGES), max_per_class=max_per_class, seed=seed)
-    split = {"train": ([], []), "test": ([], [])}
+    split = {"train": ([], []), "val": ([], []), "test": ([], [])}
     seen = [0] * len(names)
     for text, label in zip(texts, labels):
-        part = "test" if seen[label] < test_per_class else "train"
+        part = "test" if seen[label] < test_per_class else "val" if seen[label] < test_per_class + val_per_class else "train"
         seen[label] += 1
         split[part][0].append(text)
         split[part][1].append(label)
     for label, n in enumerate(seen):
-        if n <= test_per_class:
-            raise ValueError(f"test_per_class={test_per_class} leaves no training example for class {names[label]!r} ({n} docstrings)")
+        if n <= test_per_class + val_per_class:
+            raise ValueError(f"test_per_class={test_per_class} and val_per_class={val_per_class} leave no training "
+                             f"example for class {names[label]!r} ({n} docstrings)")
 
     def encode(part):
         x, y = split[part]
@@ -651,23 +849,41 @@ def docstring_task(tokenizer, max_length: int = 32, max_per_class: int | None = 
         return torch.utils.data.TensorDataset(enc["input_ids"], enc["attention_mask"], torch.tensor(y))
 
     counts = {p: [split[p][1].count(k) for k in range(len(names))] for p in split}
-    return DocstringTask(encode("train"), encode("test"), list(names), counts["train"], counts["test"])
+    val = encode("val") if val_per_class else None
+    return DocstringTask(encode("train"), encode("test"), list(names), counts["train"], counts["test"],
+                         val, counts["val"] if val_per_class else None)
 
 
 @dataclass(frozen=True)
 class FinePruneConfig:
     """Hyperparameters of one fine-pruning run (defaults: the committed notebook size)."""
 
-    steps: int = 120  # optimizer steps in all
+    steps: int = 100  # optimizer steps in all
     batch_size: int = 16
     lr: float = 1e-4  # AdamW on the model's weights
     head_lr: float = 1e-3  # the fresh classification head learns faster
-    score_lr: float = 1e-2  # AdamW on the movement scores (hard, soft, mixed)
+    score_lr: float = 1e-2  # AdamW on the movement scores (hard, soft, mixed), as in Sanh et al.
     warmup_frac: float = 0.1  # cubic schedule: dense for this fraction of the steps ...
     ramp_frac: float = 0.6  # ... then reaches the final sparsity over this fraction, then holds it
     penalty: float = 0.0  # soft movement: final lambda of the L1 penalty (ramped with the schedule)
     alpha: float = 0.5  # mixed: weight of the magnitude term
-    seed: int = 0
+    seed: int = 0  # fixes the order of the training batches
+
+    def schedule(self, step: int, final_sparsity: float) -> float:
+        """The sparsity at `step`: cubic (Zhu & Gupta) after warm-up, the same for every method.
+
+        >>> cfg = FinePruneConfig(steps=100)
+        >>> [round(cfg.schedule(t, 0.9), 4) for t in (0, 10, 40, 70, 100)]
+        [0.0, 0.0, 0.7875, 0.9, 0.9]
+        """
+        from .schedules import cubic_sparsity
+
+        return cubic_sparsity(step, final_sparsity, t0=int(self.warmup_frac * self.steps),
+                              n=max(1, int(self.ramp_frac * self.steps)))
+
+    def penalty_at(self, step: int) -> float:
+        """Soft movement's lambda at `step`: `penalty` times the schedule's progress (0 -> 1)."""
+        return self.penalty * self.schedule(step, 0.5) / 0.5
 
 
 @dataclass
@@ -675,11 +891,14 @@ class FinePruneResult:
     method: str
     target_sparsity: float | None
     sparsity: float  # achieved, over the wrapped layers
-    accuracy: float
+    accuracy: float  # test accuracy, measured once at the end
     penalty: float | None = None  # soft movement's final lambda
+    val_accuracy: float | None = None  # at the end, when the task has a validation split
     losses: list[float] = field(default_factory=list)
     sparsity_trace: list[float] = field(default_factory=list)  # achieved sparsity every few steps
     trace_steps: list[int] = field(default_factory=list)
+    val_trace: list[float] = field(default_factory=list)  # validation accuracy at val_steps
+    val_steps: list[int] = field(default_factory=list)
 
 
 def _classifier_logits(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -697,28 +916,49 @@ def evaluate_classifier(model: nn.Module, dataset, batch_size: int = 64) -> floa
     return correct / len(dataset)
 
 
-def fine_prune(model: nn.Module, task: DocstringTask, method: str | None, final_sparsity: float = 0.0,
-               config: FinePruneConfig = FinePruneConfig(), trace_every: int = 10) -> FinePruneResult:
-    """Fine-tune `model` on `task` while pruning its wrapped layers; `method=None` fine-tunes dense.
-
-    Top-k methods follow s_t = cubic_sparsity(t, final_sparsity, t0=warmup,
-    n=ramp) from `chapter11.schedules`. Soft movement ignores
-    `final_sparsity`; its penalty weight ramps up with the same cubic shape,
-    lambda_t = config.penalty * s_t / s_f. The model is left wrapped (call
-    `finalize` afterwards) and in eval mode.
-    """
-    from .schedules import cubic_sparsity
-
+def _check_method(model: nn.Module, method: str | None, config) -> dict[str, MaskedLinear]:
     if method is not None and method not in METHODS:
         raise ValueError(f"method must be None (dense) or one of {METHODS}, got {method!r}")
-    final = check_sparsity(final_sparsity, "final_sparsity")
     layers = masked_layers(model)
     if method is not None and not layers:
         raise ValueError("model has no MaskedLinear layers; call wrap_linears(model, method) first")
     if method is not None and any(layer.method != method for layer in layers.values()):
         raise ValueError(f"method={method!r} but the model's MaskedLinear layers use {sorted({l.method for l in layers.values()})}")
     if method == "soft" and not config.penalty > 0:
-        raise ValueError(f"soft movement needs config.penalty > 0 to prune anything, got {config.penalty}")
+        raise ValueError(f"soft movement needs config.penalty > 0 (its L1 penalty), got {config.penalty}")
+    if method == "mixed":
+        for layer in layers.values():
+            layer.alpha = _check_alpha(config.alpha)
+    return layers
+
+
+def _optimizer(model: nn.Module, groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW without weight decay; wrapped in `MaskedOptimizer` when the model holds earlier masks."""
+    from .masks import MaskedOptimizer, masks_of
+
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    return MaskedOptimizer(optimizer, model) if masks_of(model) else optimizer
+
+
+def fine_prune(model: nn.Module, task: DocstringTask, method: str | None, final_sparsity: float = 0.0,
+               config: FinePruneConfig = FinePruneConfig(), trace_every: int = 10,
+               eval_every: int | None = None) -> FinePruneResult:
+    """Fine-tune `model` on `task` while pruning its wrapped layers; `method=None` fine-tunes dense.
+
+    Every method follows the same schedule, s_t = `config.schedule(t,
+    final_sparsity)` (cubic, after a dense warm-up), set before every step
+    with `set_sparsity`: top-k methods per layer, soft movement through one
+    global cut on its scores, so all four reach the target exactly and differ
+    only in their scores. Soft movement also adds lambda_t *
+    `soft_penalty(scores)` to the loss, lambda_t = `config.penalty_at(t)`.
+    `eval_every` records validation accuracy along the way (needs
+    `task.val`). The model is left wrapped (call `finalize` afterwards) and
+    in eval mode.
+    """
+    final = check_sparsity(final_sparsity, "final_sparsity")
+    layers = _check_method(model, method, config)
+    if eval_every is not None and task.val is None:
+        raise ValueError("eval_every needs a task with a validation split (docstring_task(..., val_per_class=...))")
     generator = torch.Generator().manual_seed(config.seed)
     loader = torch.utils.data.DataLoader(task.train, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=True)
     scores = [layer.scores for layer in layers.values() if layer.scores is not None]
@@ -728,26 +968,20 @@ def fine_prune(model: nn.Module, task: DocstringTask, method: str | None, final_
         if id(p) in score_ids or not p.requires_grad:
             continue
         (head if name.startswith(("classifier", "bert.pooler")) else body).append(p)
-    groups = [{"params": body, "lr": config.lr}, {"params": head, "lr": config.head_lr}]
-    if scores:
-        groups.append({"params": scores, "lr": config.score_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    t0 = int(config.warmup_frac * config.steps)
-    ramp = max(1, int(config.ramp_frac * config.steps))
-    result = FinePruneResult(method or "dense", final if method not in (None, "soft") else None, 0.0, 0.0,
+    optimizer = _optimizer(model, [{"params": body, "lr": config.lr}, {"params": head, "lr": config.head_lr},
+                                   {"params": scores, "lr": config.score_lr, "weight_decay": 0.0}])
+    result = FinePruneResult(method or "dense", final if method is not None else None, 0.0, 0.0,
                              penalty=config.penalty if method == "soft" else None)
     step = 0
     while step < config.steps:
         for ids, attn, y in loader:
             model.train()
             if method is not None:
-                s_t = cubic_sparsity(step, final if method != "soft" else 0.5, t0=t0, n=ramp)
-                if method != "soft":
-                    set_sparsity(model, s_t)
+                set_sparsity(model, config.schedule(step, final))
             loss = F.cross_entropy(_classifier_logits(model, ids, attn), y)
             result.losses.append(loss.item())
             if method == "soft":
-                loss = loss + config.penalty * (s_t / 0.5) * soft_penalty(scores)
+                loss = loss + config.penalty_at(step) * soft_penalty(scores)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -755,9 +989,183 @@ def fine_prune(model: nn.Module, task: DocstringTask, method: str | None, final_
             if method is not None and (step % trace_every == 0 or step == config.steps):
                 result.trace_steps.append(step)
                 result.sparsity_trace.append(masked_sparsity(model))
+            if eval_every is not None and (step % eval_every == 0 or step == config.steps):
+                if method is not None:
+                    set_sparsity(model, config.schedule(step, final))
+                result.val_steps.append(step)
+                result.val_trace.append(evaluate_classifier(model, task.val))
             if step >= config.steps:
                 break
+    if method is not None:
+        set_sparsity(model, config.schedule(step, final))  # soft: the cut for the final scores
     model.eval()
     result.sparsity = masked_sparsity(model) if layers else 0.0
+    if task.val is not None:
+        result.val_accuracy = result.val_trace[-1] if result.val_steps[-1:] == [step] else evaluate_classifier(model, task.val)
     result.accuracy = evaluate_classifier(model, task.test)
     return result
+
+
+# ---------------------------------------------------------------------------
+# Experiment 3 at full size: every method x sparsity x seed, with a resumable log
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """Everything that defines the Experiment 3 grid (`run_grid`); the recorded JSON stores it."""
+
+    layers: int = 6  # all of MiniLM's pretrained blocks
+    max_length: int = 32  # tokens per docstring
+    max_per_class: int = 120  # 9 balanced classes
+    test_per_class: int = 30  # 270 test docstrings, reported once
+    val_per_class: int = 20  # 180 validation docstrings, for every choice
+    steps: int = 100  # optimizer steps per run (batch 16: about 2.5 epochs of 630 docstrings)
+    batch_size: int = 16
+    lr: float = 1e-4
+    head_lr: float = 1e-3
+    score_lr: float = 1e-2
+    warmup_frac: float = 0.1
+    ramp_frac: float = 0.6
+    alpha: float = 0.5  # mixed: weight of the magnitude term
+    sparsities: tuple[float, ...] = (0.5, 0.9, 0.97)
+    methods: tuple[str, ...] = METHODS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    penalties: tuple[float, ...] = (1.0, 10.0, 100.0)  # soft movement's lambda: candidates, chosen on validation
+    penalty_sparsity: float = 0.97  # ... at this sparsity, with the first seed
+    dense_long_steps: int = 300  # one longer dense run (first seed) shows where the plateau is; 0 skips it
+    eval_every: int = 25  # validation accuracy along the dense runs
+
+    def config(self, seed: int, penalty: float = 0.0, steps: int | None = None) -> FinePruneConfig:
+        return FinePruneConfig(steps=steps or self.steps, batch_size=self.batch_size, lr=self.lr, head_lr=self.head_lr,
+                               score_lr=self.score_lr, warmup_frac=self.warmup_frac, ramp_frac=self.ramp_frac,
+                               penalty=penalty, alpha=self.alpha, seed=seed)
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _run_key(method: str | None, sparsity: float, seed: int, penalty: float, steps: int) -> str:
+    return f"{method or 'dense'}|{sparsity:g}|{seed}|{penalty:g}|{steps}"
+
+
+def run_one(task: DocstringTask, settings: GridSettings, method: str | None, sparsity: float, seed: int,
+            penalty: float = 0.0, steps: int | None = None, eval_every: int | None = None) -> dict:
+    """One fine-pruning run of the grid from fresh pretrained weights; a JSON-ready record."""
+    import time
+
+    model = minilm_classifier(len(task.class_names), layers=settings.layers, seed=seed)
+    if method is not None:
+        wrap_linears(model, method)
+    config = settings.config(seed, penalty if method == "soft" else 0.0, steps)
+    wall, cpu = time.perf_counter(), time.process_time()
+    r = fine_prune(model, task, method, sparsity if method is not None else 0.0, config, eval_every=eval_every)
+    return {
+        "key": _run_key(method, sparsity if method is not None else 0.0, seed, config.penalty, config.steps),
+        "method": r.method, "target": sparsity if method is not None else 0.0, "seed": seed, "steps": config.steps,
+        "penalty": config.penalty, "sparsity": r.sparsity, "val": r.val_accuracy, "test": r.accuracy,
+        "final_loss": sum(r.losses[-10:]) / len(r.losses[-10:]),
+        "val_steps": r.val_steps, "val_trace": r.val_trace,
+        "wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1),
+    }
+
+
+def run_grid(settings: GridSettings = GridSettings(), log_path=None, progress=print) -> dict:
+    """Run Experiment 3's grid; returns {"penalty", "penalty_search", "dense_long", "runs"}.
+
+    Order: the long dense run, soft movement's lambda search on validation
+    (first seed, `penalty_sparsity`), then seed by seed the dense reference
+    and every method x sparsity with the chosen lambda. Each finished run is
+    appended to `log_path` (JSON lines) and skipped when the same run is
+    found there, so an interrupted grid resumes where it stopped.
+    """
+    import json
+    from pathlib import Path
+
+    from .models import load_minilm
+
+    done: dict[str, dict] = {}
+    if log_path is not None:
+        log_path = Path(log_path)
+        if log_path.is_file():
+            for line in log_path.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    done[rec["key"]] = rec
+    _, tokenizer = load_minilm()
+    task = docstring_task(tokenizer, max_length=settings.max_length, max_per_class=settings.max_per_class,
+                          test_per_class=settings.test_per_class, val_per_class=settings.val_per_class)
+
+    def run(method, sparsity, seed, penalty=0.0, steps=None, eval_every=None):
+        key = _run_key(method, sparsity if method is not None else 0.0, seed, penalty if method == "soft" else 0.0,
+                       steps or settings.steps)
+        if key not in done:
+            rec = run_one(task, settings, method, sparsity, seed, penalty, steps, eval_every)
+            done[key] = rec
+            if log_path is not None:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if progress:
+                progress(f"{key}: sparsity {rec['sparsity']:.4f} val {rec['val']:.3f} test {rec['test']:.3f} "
+                         f"({rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU)")
+        return done[key]
+
+    first = settings.seeds[0]
+    out = {"dense_long": None, "penalty_search": [], "runs": []}
+    if settings.dense_long_steps:
+        out["dense_long"] = run(None, 0.0, first, steps=settings.dense_long_steps, eval_every=settings.eval_every)
+    if "soft" in settings.methods:
+        out["penalty_search"] = [run("soft", settings.penalty_sparsity, first, lam) for lam in settings.penalties]
+        best = max(out["penalty_search"], key=lambda r: (r["val"], -r["penalty"]))  # ties: the smaller lambda
+        out["penalty"] = best["penalty"]
+    else:
+        out["penalty"] = None
+    for seed in settings.seeds:
+        out["runs"].append(run(None, 0.0, seed, eval_every=settings.eval_every))
+        for sparsity in sorted(settings.sparsities, reverse=True):
+            for method in settings.methods:
+                out["runs"].append(run(method, sparsity, seed, out["penalty"] or 0.0))
+    return out
+
+
+def grid_summaries(runs: Sequence[dict], metric: str = "test") -> dict[str, dict[float, object]]:
+    """{method: {target sparsity: chapter11.stats.Summary of `metric` over seeds}} from `run_grid`'s runs.
+
+    >>> rs = [{"method": "hard", "target": 0.9, "test": v} for v in (0.5, 0.6, 0.7)]
+    >>> f"{grid_summaries(rs)['hard'][0.9]:.2f}"
+    '0.60 ± 0.10'
+    """
+    from .stats import summarize
+
+    values: dict[str, dict[float, list[float]]] = {}
+    for r in runs:
+        values.setdefault(r["method"], {}).setdefault(float(r["target"]), []).append(float(r[metric]))
+    return {m: {s: summarize(v) for s, v in sorted(by.items())} for m, by in values.items()}
+
+
+FULL_RUN_NAME = "03_movement_vs_magnitude"
+
+
+def full_run(settings: GridSettings = GridSettings(), command: str = "python -m chapter11.movement", log_path=None) -> dict:
+    """Run the whole grid and record it with `chapter11.report.save_full_run` (benchmarks/full/03_movement_vs_magnitude.json)."""
+    import time
+
+    from .report import FULL_RUNS, load_full_run, save_full_run
+
+    if log_path is None:
+        log_path = FULL_RUNS.parent.parent / "build" / f"{FULL_RUN_NAME}.runs.jsonl"
+    start = time.perf_counter()
+    results = run_grid(settings, log_path=log_path)
+    cpu = sum(r["cpu_s"] for r in [results["dense_long"], *results["penalty_search"], *results["runs"]] if r)
+    results["cpu_s_all_runs"] = round(cpu, 1)
+    results["wall_s_all_runs"] = round(sum(r["wall_s"] for r in [results["dense_long"], *results["penalty_search"], *results["runs"]] if r), 1)
+    save_full_run(FULL_RUN_NAME, results, settings.as_dict(), command, time.perf_counter() - start)
+    return load_full_run(FULL_RUN_NAME)
+
+
+if __name__ == "__main__":  # python -m chapter11.movement: the recorded full run of Experiment 3
+    torch.set_num_threads(2)
+    full_run()

@@ -280,3 +280,156 @@ def test_fine_prune_small_run_reaches_target():
     assert result.sparsity_trace == sorted(result.sparsity_trace)  # the cubic schedule only grows
     with pytest.raises(ValueError, match="method"):
         mv.fine_prune(model, task, "magnitude", 0.5)
+
+
+# --- issue 13: nothing lost, exact masks, no NaN ranked ------------------------
+
+
+@pytest.mark.parametrize("method", mv.METHODS)
+def test_wrap_linears_keeps_earlier_magnitude_masks_through_training_and_finalize(method):
+    from chapter11.magnitude import prune_magnitude
+    from chapter11.masks import MaskedOptimizer, masks_of
+
+    model = _tiny_bert(num_labels=2)
+    prune_magnitude(model, 0.5, scope="layerwise")
+    old = {n: m.clone() for n, m in masks_of(model).items()}
+    names = mv.wrap_linears(model, method, sparsity=0.3)
+    g = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(0, 50, (12, 8), generator=g), torch.randint(0, 2, (12,), generator=g)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)  # plain AdamW: the forward mask alone must hold
+    for step in range(12):
+        mv.set_sparsity(model, 0.3)
+        loss = torch.nn.functional.cross_entropy(model(input_ids=ids[step:step + 4]).logits, y[step:step + 4])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    mv.set_sparsity(model, 0.3)
+    wrapped = {name: model.get_submodule(name) for name in names}
+    masks = mv.finalize(model)
+    for name in names:
+        key = f"{name}.weight"
+        weight, before = model.get_parameter(key), old[key]
+        assert int((weight[before == 0] != 0).sum()) == 0, key  # nothing that was pruned came back
+        assert torch.equal(wrapped[name].fixed_mask, before)  # the earlier mask travelled into the wrapped layer
+        assert torch.equal(model.get_submodule(name).weight_mask, masks[key])  # the mask is back on the layer
+        assert torch.all(masks[key] <= before)
+    # later training through MaskedOptimizer keeps them at zero
+    opt = MaskedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), model)
+    for step in range(3):
+        loss = torch.nn.functional.cross_entropy(model(input_ids=ids[step:step + 4]).logits, y[step:step + 4])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for name in names:
+        key = f"{name}.weight"
+        assert int((model.get_parameter(key)[old[key] == 0] != 0).sum()) == 0
+
+
+def test_masked_linear_with_earlier_mask_counts_it_toward_the_target():
+    lin = nn.Linear(10, 10)
+    earlier = (torch.arange(100).reshape(10, 10) % 5 != 0).float()  # 20% pruned already
+    layer = mv.MaskedLinear.from_linear(lin, "hard", sparsity=0.5, mask=earlier)
+    with torch.no_grad():
+        layer.scores.copy_(torch.randn(10, 10, generator=torch.Generator().manual_seed(0)))
+    m = layer.mask()
+    assert int((m == 0).sum()) == 50 and torch.all(m[earlier == 0] == 0)  # the earlier zeros are the first 20 of 50
+    layer.sparsity = 0.1  # below the earlier mask: stays at 20%
+    assert int((layer.mask() == 0).sum()) == 20
+    with pytest.raises(ValueError, match="0 and 1"):
+        mv.MaskedLinear.from_linear(nn.Linear(2, 2), "hard", mask=torch.full((2, 2), 0.5))
+
+
+def test_wrap_refuses_torch_prune_reparametrisation():
+    lin = nn.Linear(4, 4)
+    prune.l1_unstructured(lin, "weight", amount=0.5)
+    with pytest.raises(TypeError, match="from_torch_prune"):
+        mv.MaskedLinear.from_linear(lin, "hard")
+
+
+def test_mixed_mask_is_exactly_binary_and_finalize_never_scales_kept_weights():
+    from chapter11.masks import apply_masks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    original = model[0].weight.detach().clone()
+    mv.wrap_linears(model, "mixed", names=["0"], sparsity=0.5)
+    with torch.no_grad():
+        model[0].scores.copy_(torch.randn(8, 16) * 0.37)
+    mask = model[0]._mask_with_grad()
+    assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}  # exact, not 0.99999994
+    x = torch.randn(3, 16)
+    expected = torch.nn.functional.linear(x, torch.where(mask.detach().bool(), original, 0.0), model[0].bias)
+    assert torch.equal(model(x), expected)
+    # the straight-through gradient still reaches the scores
+    model(x).sum().backward()
+    assert model[0].scores.grad is not None and model[0].scores.grad.abs().sum() > 0
+    masks = mv.finalize(model)
+    kept = masks["0.weight"].bool()
+    assert torch.equal(model[0].weight[kept], original[kept])  # bit for bit
+    apply_masks(model, masks)  # accepted: exactly 0/1
+    assert torch.equal(model[0].weight_mask, masks["0.weight"])
+
+
+@pytest.mark.parametrize("fn", [mv.topk_mask, mv.topk_mask_loop])
+def test_topk_mask_refuses_nan_scores(fn):
+    with pytest.raises(ValueError, match="NaN"):
+        fn(torch.tensor([float("nan"), 1.0, 2.0, 0.5]), 0.5)
+    with pytest.raises(TypeError, match="scores"):
+        fn([1.0, 2.0], 0.5)
+
+
+def test_nan_scores_refused_everywhere():
+    bad = torch.tensor([float("nan"), 1.0])
+    for call in (lambda: mv.threshold_mask(bad, 0.5), lambda: mv.threshold_mask_loop(bad, 0.5),
+                 lambda: mv.global_threshold([bad], 0.5), lambda: mv.global_threshold_loop([bad], 0.5)):
+        with pytest.raises(ValueError, match="NaN"):
+            call()
+
+
+# --- soft movement with a target: one global cut --------------------------------
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.97])
+def test_global_threshold_loop_matches_vectorised_and_prunes_exactly(sparsity):
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(4, 5, generator=g), torch.randn(7, generator=g) * 3]
+    cut = mv.global_threshold(tensors, sparsity)
+    assert cut == mv.global_threshold_loop(tensors, sparsity)
+    pruned = sum(int((S <= cut).sum()) for S in tensors)
+    assert pruned == round(sparsity * 27)
+    # trusted: torch.nn.utils.prune.global_unstructured on exp(scores) prunes the same entries
+    layers = [nn.Linear(5, 4, bias=False), nn.Linear(7, 1, bias=False)]
+    with torch.no_grad():
+        layers[0].weight.copy_(tensors[0].exp())
+        layers[1].weight.copy_(tensors[1].exp().reshape(1, 7))
+    prune.global_unstructured([(layers[0], "weight"), (layers[1], "weight")], pruning_method=prune.L1Unstructured,
+                              amount=sparsity)
+    assert torch.equal(layers[0].weight_mask, (tensors[0] > cut).float())
+    assert torch.equal(layers[1].weight_mask.flatten(), (tensors[1] > cut).float())
+
+
+def test_soft_set_sparsity_reaches_the_target_with_uneven_layers():
+    model = _tiny_bert()
+    mv.wrap_linears(model, "soft")
+    g = torch.Generator().manual_seed(0)
+    layers = mv.masked_layers(model)
+    for i, layer in enumerate(layers.values()):
+        with torch.no_grad():
+            layer.scores.copy_(torch.randn(layer.scores.shape, generator=g) + 0.2 * i)  # later layers score higher
+    for target in (0.5, 0.9, 0.97):
+        mv.set_sparsity(model, target)
+        total = sum(layer.weight.numel() for layer in layers.values())
+        assert mv.masked_sparsity(model) == round(target * total) / total
+    per_layer = [float((layer.mask() == 0).float().mean()) for layer in layers.values()]
+    assert per_layer[0] > per_layer[-1]  # one global cut: layers end up with different sparsities
+
+
+def test_global_topk_masks_match_topk_on_the_concatenation_even_with_ties():
+    g = torch.Generator().manual_seed(5)
+    tensors = [torch.randint(0, 4, (3, 5), generator=g).float(), torch.randint(0, 4, (11,), generator=g).float()]
+    for sparsity in (0.0, 0.2, 0.5, 0.9):
+        masks = mv.global_topk_masks(tensors, sparsity)
+        flat = torch.cat([t.flatten() for t in tensors])
+        expected = mv.topk_mask_loop(flat, sparsity)  # ties keep the lower index
+        assert torch.equal(torch.cat([m.flatten() for m in masks]), expected)
