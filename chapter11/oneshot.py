@@ -219,6 +219,38 @@ def mask_from_scores_loop(scores: torch.Tensor, sparsity: float | None = None, n
     return torch.tensor(mask, dtype=S.dtype, device=S.device)
 
 
+def _prune_lowest(S: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask dropping the k lowest entries of each row of S; ties: earlier positions go first.
+
+    A k-th value search (linear time) instead of a full sort: everything below
+    the k-th value goes, and as many entries equal to it as are still needed,
+    leftmost first, which is exactly what a stable sort would drop.
+    """
+    if k == 0:
+        return torch.ones_like(S)
+    kth = S.kthvalue(k, dim=-1, keepdim=True).values  # (rows, 1)
+    below = S < kth
+    ties = S == kth
+    need = k - below.sum(dim=-1, keepdim=True)  # (rows, 1)
+    pruned = below | (ties & (ties.cumsum(dim=-1) <= need))
+    return (~pruned).to(S.dtype)
+
+
+def _select(S: torch.Tensor, sparsity, n, m, scope: str) -> torch.Tensor:
+    """`mask_from_scores` without the argument checks (used inside loops)."""
+    d_out, d_in = S.shape
+    if n is not None:
+        groups = S.reshape(d_out, d_in // m, m)  # (d_out, groups, m)
+        order = torch.argsort(groups, dim=-1, descending=True, stable=True)  # best first, ties keep order
+        mask = torch.zeros_like(groups)
+        mask.scatter_(-1, order[..., :n], 1.0)
+        return mask.reshape(d_out, d_in)
+    if scope == "row":
+        return _prune_lowest(S, check_amount(sparsity, d_in, "sparsity"))  # (d_out, d_in)
+    flat = S.reshape(1, d_out * d_in)  # (1, numel), row-major
+    return _prune_lowest(flat, check_amount(sparsity, d_out * d_in, "sparsity")).reshape(d_out, d_in)
+
+
 def mask_from_scores(scores: torch.Tensor, sparsity: float | None = None, n: int | None = None, m: int | None = None,
                      scope: str = "row") -> torch.Tensor:
     """Vectorised `mask_from_scores_loop` (same masks, ties included).
@@ -228,24 +260,7 @@ def mask_from_scores(scores: torch.Tensor, sparsity: float | None = None, n: int
             [0., 1.]])
     """
     S, sparsity, n, m = _check_scores(scores, sparsity, n, m, scope)
-    d_out, d_in = S.shape
-    if n is not None:
-        groups = S.reshape(d_out, d_in // m, m)  # (d_out, groups, m)
-        order = torch.argsort(groups, dim=-1, descending=True, stable=True)  # best first
-        mask = torch.zeros_like(groups)
-        mask.scatter_(-1, order[..., :n], 1.0)
-        return mask.reshape(d_out, d_in)
-    if scope == "row":
-        k = check_amount(sparsity, d_in, "sparsity")
-        order = torch.argsort(S, dim=1, stable=True)  # (d_out, d_in), lowest first
-        mask = torch.ones_like(S)
-        mask.scatter_(1, order[:, :k], 0.0)
-        return mask
-    k = check_amount(sparsity, d_out * d_in, "sparsity")
-    order = torch.argsort(S.reshape(-1), stable=True)  # (d_out * d_in,)
-    mask = torch.ones(d_out * d_in, dtype=S.dtype, device=S.device)
-    mask[order[:k]] = 0.0
-    return mask.reshape(d_out, d_in)
+    return _select(S, sparsity, n, m, scope)
 
 
 def wanda_mask_loop(W: torch.Tensor, X: torch.Tensor, sparsity: float | None = None, n: int | None = None,
@@ -271,8 +286,15 @@ def wanda_mask(W: torch.Tensor, X: torch.Tensor, sparsity: float | None = None, 
 # --------------------------------------------------------------- SparseGPT
 
 
-def _hessian(X: torch.Tensor) -> torch.Tensor:
-    X = X.to(torch.float64)
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _hessian(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    X = X.to(dtype)
     return 2.0 * X.T @ X / X.shape[0]  # (d_in, d_in)
 
 
@@ -285,21 +307,24 @@ def _check_obs_args(block_size, damp, m) -> None:
         raise ValueError(f"damp must be a finite number >= 0 (a fraction of mean(diag H)), got {damp!r}")
 
 
-def _inverse_cholesky(W: torch.Tensor, H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W in float64 with dead inputs zeroed, upper Cholesky factor U of (H + damp * mean(diag H) I)^-1)."""
-    W = W.to(torch.float64).clone()  # (d_out, d_in)
-    H = H.to(torch.float64).clone()  # (d_in, d_in)
+def _inverse_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor U of (H + damp * mean(diag H) I)^-1, dead inputs), in H's dtype.
+
+    An input whose diagonal entry is 0 never fired on the calibration data:
+    it gets a 1 on the diagonal (so H can be inverted) and its weights are
+    zeroed by the caller, since nothing says they matter.
+    """
     if not torch.isfinite(H).all():
         raise ValueError("X: the Hessian 2 X^T X / N holds NaN or inf; check the calibration activations")
-    dead = torch.diagonal(H) == 0  # inputs that never fire: no information, prune their weights
+    H = H.clone()  # (d_in, d_in)
+    dead = torch.diagonal(H) == 0  # (d_in,)
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     H.diagonal().add_(damp * torch.diagonal(H).mean())
     L, info = torch.linalg.cholesky_ex(H)
     if info.item() != 0:
         raise ValueError(f"damp: H + damp * mean(diag H) I is not positive definite with damp={damp}; use a larger damp")
     U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # (d_in, d_in), H^-1 = U^T U
-    return W, U
+    return U, dead
 
 
 def _sparsegpt_args(W, X, sparsity, n, m, block_size, damp):
@@ -328,7 +353,10 @@ def sparsegpt_prune_loop(W: torch.Tensor, X: torch.Tensor, sparsity: float | Non
     1.54
     """
     W0, X, sparsity, n, m = _sparsegpt_args(W, X, sparsity, n, m, block_size, damp)
-    W, U = _inverse_cholesky(W0, _hessian(X), damp)
+    dtype = _compute_dtype(W0, X)
+    U, dead = _inverse_factor(_hessian(X, dtype), damp)
+    W = W0.to(dtype).clone()  # (d_out, d_in)
+    W[:, dead] = 0.0
     d_out, d_in = W.shape
     mask = torch.ones_like(W)
     for j in range(d_in):
@@ -347,28 +375,34 @@ def sparsegpt_prune_loop(W: torch.Tensor, X: torch.Tensor, sparsity: float | Non
 
 
 def _sparsegpt_blocked(W: torch.Tensor, U: torch.Tensor, sparsity, n, m, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same algorithm with lazy block updates: W, U in float64 from `_inverse_cholesky`."""
+    """The same algorithm with lazy block updates; W (d_out, d_in) and U (d_in, d_in) in one float dtype.
+
+    Works on W transposed, so that the column being pruned is a contiguous
+    row and each OBS update inside a block is a single rank-1 `addr_`.
+    """
     d_out, d_in = W.shape
-    mask = torch.ones_like(W)
+    Wt = W.T.contiguous()  # (d_in, d_out): row j holds column j of W
+    maskt = torch.ones_like(Wt)  # (d_in, d_out)
     d = torch.diagonal(U)  # (d_in,)
     for i1 in range(0, d_in, block_size):
         i2 = min(i1 + block_size, d_in)
-        W1 = W[:, i1:i2].clone()  # (d_out, B)
+        W1, M1 = Wt[i1:i2], maskt[i1:i2]  # (B, d_out) views
         U1 = U[i1:i2, i1:i2]  # (B, B)
-        E1 = torch.zeros_like(W1)  # (d_out, B) scaled errors w / U_jj of the pruned weights
-        M1 = mask[:, i1:i2]  # (d_out, B), a view
+        E1 = torch.zeros_like(W1)  # (B, d_out): w / U_jj for pruned weights, 0 for kept ones
+        S1 = torch.zeros_like(W1)  # (B, d_out): 1 / U_jj where pruned, 0 where kept
         if n is None:
-            M1.copy_(mask_from_scores(W1 ** 2 / d[i1:i2] ** 2, sparsity, scope="layer"))
+            M1.copy_(_select((W1 ** 2 / d[i1:i2, None] ** 2).T, sparsity, None, None, "layer").T)
+            S1.copy_((1.0 - M1) / d[i1:i2, None])
         for i in range(i2 - i1):
             if n is not None and i % m == 0:
-                M1[:, i:i + m] = mask_from_scores(W1[:, i:i + m] ** 2 / d[i1 + i:i1 + i + m] ** 2, n=n, m=m)
-            err = W1[:, i] * (1.0 - M1[:, i]) / U1[i, i]  # (d_out,), zero where kept
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # OBS update inside the block
-            W1[:, i] *= M1[:, i]  # exact zeros where pruned
-            E1[:, i] = err
-        W[:, i1:i2] = W1
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # the lazy update of every column right of the block
-    return W, mask
+                group = slice(i, i + m)
+                M1[group] = _select((W1[group] ** 2 / d[i1 + i:i1 + i + m, None] ** 2).T, None, n, m, "row").T
+                S1[group] = (1.0 - M1[group]) / d[i1 + i:i1 + i + m, None]
+            torch.mul(W1[i], S1[i], out=E1[i])  # (d_out,)
+            W1[i:].addr_(U1[i, i:], E1[i], alpha=-1.0)  # OBS update of this block's columns i, i+1, ...
+        W1.mul_(M1)  # exact zeros where pruned
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)  # the lazy update of every column right of the block
+    return Wt.T, maskt.T
 
 
 def sparsegpt_prune(W: torch.Tensor, X: torch.Tensor, sparsity: float | None = None, n: int | None = None,
@@ -378,14 +412,17 @@ def sparsegpt_prune(W: torch.Tensor, X: torch.Tensor, sparsity: float | None = N
     Inside a block of `block_size` columns the OBS updates run column by
     column on the block only; the columns to the right get them all at once
     as one matrix product when the block is done, which is what makes it fast.
-    Computes in float64; returns (W_new in W's dtype, 0/1 mask).
+    Computes in float32, or float64 when W or X is; returns (W_new in W's dtype, 0/1 mask).
 
     >>> W_new, mask = sparsegpt_prune(torch.tensor([[1.0, 0.5]]), torch.tensor([[1.0, 1.0], [1.0, 0.9]]), sparsity=0.5)
     >>> mask.tolist(), [round(w, 2) for w in W_new[0].tolist()]
     ([[0.0, 1.0]], [0.0, 1.54])
     """
     W0, X, sparsity, n, m = _sparsegpt_args(W, X, sparsity, n, m, block_size, damp)
-    W, U = _inverse_cholesky(W0, _hessian(X), damp)
+    dtype = _compute_dtype(W0, X)
+    U, dead = _inverse_factor(_hessian(X, dtype), damp)
+    W = W0.to(dtype).clone()  # (d_out, d_in)
+    W[:, dead] = 0.0
     W, mask = _sparsegpt_blocked(W, U, sparsity, n, m, block_size)
     return W.to(W0.dtype), mask.to(W0.dtype)
 
@@ -502,45 +539,49 @@ class _Statistics:
     """Forward pre-hooks on a block's Linear layers that accumulate what the method needs.
 
     Wanda: the sum of squares of each input column; SparseGPT (or `gram=True`): X^T X.
-    Layers fed by the same tensor (q, k, v; gate, up) share one computation per batch.
+    Layers fed by the same tensor (q, k, v; gate, up) share one statistic: the
+    first of them to see a tensor owns it, the others read the owner's.
     """
 
     def __init__(self, linears: dict[str, nn.Linear], squares: bool, gram: bool):
-        self.count = 0
-        self.squares = {name: 0 for name in linears} if squares else None
-        self.gram = {name: 0 for name in linears} if gram else None
-        self._cache: dict[int, tuple[torch.Tensor, object, object]] = {}
+        self.want_squares, self.want_gram = squares, gram
+        self.squares: dict[str, torch.Tensor] = {}
+        self.gram: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.owner: dict[str, str] = {}
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # this batch: id(input) -> (input, owner)
         self._handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
-        self._tokens: dict[str, int] = {name: 0 for name in linears}
 
     def _hook(self, name):
         def hook(module, args):
             x = args[0]
-            key = id(x)
-            if key not in self._cache or self._cache[key][0] is not x:
-                X = x.detach().reshape(-1, x.shape[-1]).to(STAT_DTYPE)  # (tokens, d_in)
-                sq = (X * X).sum(0) if self.squares is not None else None  # (d_in,)
-                g = X.T @ X if self.gram is not None else None  # (d_in, d_in)
-                self._cache[key] = (x, sq, g)
-            _, sq, g = self._cache[key]
-            if self.squares is not None:
-                self.squares[name] = self.squares[name] + sq
-            if self.gram is not None:
-                self.gram[name] = self.gram[name] + g
-            self._tokens[name] += x.numel() // x.shape[-1]
+            seen = self._seen.get(id(x))
+            if seen is not None and seen[0] is x:
+                self.owner.setdefault(name, seen[1])
+                return
+            self.owner.setdefault(name, name)
+            self._seen[id(x)] = (x, name)
+            X = x.detach().reshape(-1, x.shape[-1]).to(STAT_DTYPE)  # (tokens, d_in)
+            if self.want_squares:
+                self.squares[name] = self.squares.get(name, 0) + (X * X).sum(0)  # (d_in,)
+            if self.want_gram:
+                self.gram[name] = self.gram.get(name, 0) + X.T @ X  # (d_in, d_in)
+            self.tokens[name] = self.tokens.get(name, 0) + X.shape[0]
 
         return hook
 
     def end_batch(self):
-        self._cache.clear()
+        self._seen.clear()
 
-    def tokens(self, name: str) -> int:
-        return self._tokens[name]
+    def of(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+        """(sum of squares, X^T X, tokens) seen by layer `name`."""
+        owner = self.owner[name]
+        return self.squares.get(owner), self.gram.get(owner), self.tokens[owner]
 
     def remove(self):
         for h in self._handles:
             h.remove()
-        self._cache.clear()
+        self._seen.clear()
 
 
 def _check_calibration(calibration, method: str, vocab: int | None) -> torch.Tensor | None:
@@ -649,20 +690,25 @@ def prune_llm(
                         stats.end_batch()
                 finally:
                     stats.remove()
-            masks, before = {}, {}
+            masks, before, factors = {}, {}, {}
             prefix = _prefix(model, layer)
             for name, lin in linears[l].items():
                 W = lin.weight.detach()  # (d_out, d_in)
                 if measure_error:
                     before[name] = W.clone()
-                G = stats.gram[name] if stats is not None and stats.gram is not None else None
+                sq, G, tokens = stats.of(name) if stats is not None else (None, None, 0)
                 if method == "magnitude":
-                    mask = mask_from_scores(W.abs().to(STAT_DTYPE), sparsity, n, m, scope="layer")
+                    mask = _select(W.abs().to(STAT_DTYPE), sparsity, n, m, "layer")
                 elif method == "wanda":
-                    sq = stats.squares[name] if stats.squares is not None else torch.diagonal(G)  # (d_in,)
-                    mask = mask_from_scores(W.abs().to(STAT_DTYPE) * sq.sqrt(), sparsity, n, m, scope="row")
+                    sq = sq if sq is not None else torch.diagonal(G)  # (d_in,) squared column norms
+                    mask = _select(W.abs().to(STAT_DTYPE) * sq.sqrt(), sparsity, n, m, "row")
                 else:
-                    W_new, U = _inverse_cholesky(W, 2.0 * G / stats.tokens(name), damp)
+                    owner = stats.owner[name]
+                    if owner not in factors:  # q, k, v (and gate, up) share one H and one factor
+                        factors[owner] = _inverse_factor(2.0 * G / tokens, damp)
+                    U, dead = factors[owner]
+                    W_new = W.to(U.dtype).clone()  # (d_out, d_in)
+                    W_new[:, dead] = 0.0
                     W_new, mask = _sparsegpt_blocked(W_new, U, sparsity, n, m, block_size)
                     lin.weight.copy_(W_new.to(W.dtype))
                 masks[f"{name}.weight"] = mask.to(W.dtype)
@@ -672,7 +718,7 @@ def prune_llm(
                 full = f"{prefix}{name}.weight"
                 result.layers[full] = float((lin.weight == 0).sum()) / lin.weight.numel()
                 if measure_error and stats is not None:
-                    result.output_error[full] = _relative_error(before[name], lin.weight.detach(), stats.gram[name])
+                    result.output_error[full] = _relative_error(before[name], lin.weight.detach(), stats.of(name)[1])
             if use_data and l < last:
                 outputs = _run_block(layer, inputs)
                 _check_finite(outputs, f"leaving decoder block {l}")
@@ -695,6 +741,6 @@ def _prefix(model: nn.Module, layer: nn.Module) -> str:
 
 def _relative_error(W: torch.Tensor, W_new: torch.Tensor, G: torch.Tensor) -> float:
     """||X (W - W')^T||^2 / ||X W^T||^2 from the Gram matrix G = X^T X."""
-    G, W = G.to(torch.float64), W.to(torch.float64)
-    D = W - W_new.to(torch.float64)  # (d_out, d_in)
+    W = W.to(G.dtype)
+    D = W - W_new.to(G.dtype)  # (d_out, d_in)
     return float(((D @ G) * D).sum() / ((W @ G) * W).sum())
