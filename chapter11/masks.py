@@ -12,8 +12,9 @@ Only code that says so (`allow_regrow=True`, used by dynamic sparsity) may
 turn a zero back on.
 
 A pruned weight is exactly 0.0, whatever it held: masks are applied with
-`masked_fill`, not by multiplying, so a pruned `inf` (or an `inf` gradient)
-becomes 0 instead of NaN, and kept weights are never touched.
+`masked_fill`, not by multiplying, so a pruned `inf` (or an `inf` gradient
+of a pruned weight) becomes 0 instead of NaN, and kept weights are never
+touched.
 
 Every function that changes several layers checks all of them first and
 only then changes any, so a refused call leaves the model as it was.
@@ -26,8 +27,10 @@ To combine the two, call `to_torch_prune(model)` before torch's pruning
 functions; torch then multiplies its new mask into ours. Calling
 `prune.l1_unstructured` (or any torch method) directly on a layer that holds
 our `weight_mask` replaces our buffer with torch's mask. We cannot stop that,
-but we notice it: every function here then refuses the model with a message,
-and `from_torch_prune` repairs it (our pruned weights are still zeros of
+but we notice it for every mask installed by `apply_masks` or
+`load_masked_state_dict` (each layer remembers which of its masks are ours):
+every function here then refuses the model with a message, and
+`from_torch_prune` repairs it (our pruned weights are still zeros of
 `weight_orig`, so the rebuilt mask is torch's times `weight_orig != 0`) and
 warns.
 
@@ -38,7 +41,8 @@ checkpoints that keep their masks.
 But: masks on embeddings or norms are allowed only if you name them yourself;
 `prunable_parameters` lists the weights of Linear and Conv layers. The repair
 after torch's pruning is exact only if the model was not trained under
-torch's hook in between (training would have moved those zeros).
+torch's hook in between (training would have moved those zeros), and it
+also prunes a kept weight that happens to be exactly 0.
 
     >>> import torch
     >>> from torch import nn
