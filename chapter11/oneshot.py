@@ -74,6 +74,8 @@ __all__ = [
     "decoder_layers",
     "PruneResult",
     "prune_llm",
+    "prune_and_evaluate",
+    "layer_means",
 ]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -730,6 +732,50 @@ def prune_llm(
     result.sparsity = zeros / total
     result.seconds = time.perf_counter() - start
     return result
+
+
+def prune_and_evaluate(model: nn.Module, calibration: torch.Tensor | None, tokens: torch.Tensor, method: str = "wanda",
+                       sparsity: float | None = 0.5, n: int | None = None, m: int | None = None, seq_len: int = 128,
+                       batch_size: int = 8, **kwargs) -> tuple[float, PruneResult]:
+    """Prune a copy of `model` with `prune_llm` and return (its perplexity on `tokens`, the PruneResult).
+
+    `model` itself stays dense; perplexity runs over non-overlapping windows of
+    `seq_len` tokens (`chapter11.train.perplexity`). Extra keywords go to `prune_llm`.
+    """
+    import copy
+
+    from .train import perplexity
+
+    pruned = copy.deepcopy(model)
+    try:
+        result = prune_llm(pruned, calibration, method=method, sparsity=sparsity, n=n, m=m, batch_size=batch_size, **kwargs)
+        return perplexity(pruned, tokens, block_size=seq_len, batch_size=batch_size), result
+    finally:
+        del pruned
+
+
+def layer_means(values: dict[str, float], by: str = "projection") -> dict:
+    """Average per-layer numbers (e.g. `PruneResult.output_error`) by projection name or by block index.
+
+    >>> layer_means({"model.layers.0.mlp.up_proj.weight": 0.1, "model.layers.1.mlp.up_proj.weight": 0.3}, by="projection")
+    {'up_proj': 0.2}
+    >>> layer_means({"model.layers.0.mlp.up_proj.weight": 0.1, "model.layers.0.self_attn.q_proj.weight": 0.3}, by="block")
+    {0: 0.2}
+    """
+    if by not in ("projection", "block"):
+        raise ValueError(f"by must be 'projection' or 'block', got {by!r}")
+    groups: dict = {}
+    for name, value in values.items():
+        parts = name.split(".")
+        if by == "projection":
+            key = parts[-2]
+        else:
+            numbers = [p for p in parts if p.isdigit()]
+            if not numbers:
+                raise ValueError(f"values: {name!r} holds no block index")
+            key = int(numbers[0])
+        groups.setdefault(key, []).append(float(value))
+    return {key: sum(v) / len(v) for key, v in groups.items()}
 
 
 def _prefix(model: nn.Module, layer: nn.Module) -> str:

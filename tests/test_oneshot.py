@@ -13,8 +13,10 @@ from chapter11.oneshot import (
     METHODS,
     calibration_sequences,
     decoder_layers,
+    layer_means,
     mask_from_scores,
     mask_from_scores_loop,
+    prune_and_evaluate,
     prune_llm,
     sparsegpt_prune,
     sparsegpt_prune_loop,
@@ -324,6 +326,23 @@ def test_pruned_llm_masks_survive_save_load_and_optimizer_steps(tmp_path, calibr
     for name, p in linear_weights(fresh).items():
         assert is_nm(p.detach(), 2, 4) and torch.equal(p == 0, masks_of(fresh)[name] == 0)
         assert not torch.equal(p, model.get_parameter(name))  # it did train
+
+
+def test_prune_and_evaluate_prunes_a_copy_and_layer_means_group_names(calibration):
+    from chapter11.train import perplexity
+
+    model = tiny_llama(num_layers=2, num_kv_heads=2)
+    tokens = torch.randint(0, 256, (257,), generator=torch.Generator().manual_seed(2))
+    ppl, result = prune_and_evaluate(model, calibration, tokens, method="sparsegpt", seq_len=32, measure_error=True, progress_bar=False)
+    assert not masks_of(model) and result.sparsity == pytest.approx(0.5, abs=1e-3)
+    assert math.isfinite(ppl) and ppl != perplexity(model, tokens, block_size=32)
+    by_projection, by_block = layer_means(result.output_error), layer_means(result.output_error, by="block")
+    assert sorted(by_projection) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert sorted(by_block) == [0, 1]
+    errors = list(result.output_error.values())
+    assert sum(by_block.values()) / 2 == pytest.approx(sum(errors) / len(errors))  # 7 layers per block
+    with pytest.raises(ValueError, match="by"):
+        layer_means(result.output_error, by="head")
 
 
 def test_calibration_sequences_are_seeded_windows():
