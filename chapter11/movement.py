@@ -99,6 +99,23 @@ __all__ = [
     "grid_summaries",
     "FULL_RUN_NAME",
     "full_run",
+    "stdlib_source",
+    "lm_windows",
+    "lower_hidden",
+    "TopBlocks",
+    "hidden_perplexity",
+    "AdaptResult",
+    "adapt_top_blocks",
+    "LMSettings",
+    "LMData",
+    "LM_TEXTS",
+    "lm_data",
+    "lm_perplexities",
+    "run_lm_one",
+    "step_times",
+    "run_lm_grid",
+    "LM_FULL_RUN_NAME",
+    "lm_full_run",
 ]
 
 METHODS = ("magnitude", "hard", "soft", "mixed")
@@ -1166,6 +1183,372 @@ def full_run(settings: GridSettings = GridSettings(), command: str = "python -m 
     return load_full_run(FULL_RUN_NAME)
 
 
-if __name__ == "__main__":  # python -m chapter11.movement: the recorded full run of Experiment 3
+
+# ---------------------------------------------------------------------------
+# Movement pruning during domain adaptation of an LLM: frozen lower blocks, cached
+# ---------------------------------------------------------------------------
+
+
+def stdlib_source(part: str, max_chars: int | None = None) -> str:
+    """Source code of the standard library's top-level modules, split by file into two halves.
+
+    Files `<stdlib>/*.py` sorted by name; even positions form `"adapt"`,
+    odd positions `"heldout"`, so no file is in both. Packages (folders,
+    which hold `pydoc_data`'s help topics) are left out. On Python 3.11
+    that is 84 files in each half. `max_chars` keeps the first that many
+    characters.
+
+    >>> stdlib_source("adapt", max_chars=29)[3:]
+    'Record of phased-in incomp'
+    """
+    import sysconfig
+    from pathlib import Path
+
+    if part not in ("adapt", "heldout"):
+        raise ValueError(f"part must be 'adapt' or 'heldout', got {part!r}")
+    if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1):
+        raise ValueError(f"max_chars must be None or a positive int, got {max_chars!r}")
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    chosen = files[("adapt", "heldout").index(part)::2]
+    text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in chosen)
+    return text if max_chars is None else text[:max_chars]
+
+
+def lm_windows(tokens: torch.Tensor, block_size: int, max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consecutive windows (x, y) of a 1-D token tensor, y = x shifted by one, as `chapter11.train.perplexity` cuts them.
+
+    >>> x, y = lm_windows(torch.arange(10), 4)
+    >>> x.tolist(), y.tolist()
+    ([[0, 1, 2, 3], [4, 5, 6, 7]], [[1, 2, 3, 4], [5, 6, 7, 8]])
+    """
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
+        raise ValueError(f"tokens must be a 1-D tensor, got {type(tokens).__name__}")
+    n = (len(tokens) - 1) // block_size
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise ValueError(f"tokens: need more than block_size + 1 = {block_size + 1} tokens, got {len(tokens)}")
+    x = tokens[: n * block_size].view(n, block_size)  # (n, T)
+    y = tokens[1 : n * block_size + 1].view(n, block_size)  # (n, T)
+    return x, y
+
+
+def _decoder(model: nn.Module):
+    base = getattr(model, "model", None)
+    if base is None or not isinstance(getattr(base, "layers", None), nn.ModuleList) or not hasattr(base, "rotary_emb"):
+        raise TypeError(f"model must be a LLaMA-style causal LM (model.model.layers, model.model.rotary_emb), got {type(model).__name__}")
+    return base
+
+
+def _run_blocks(layers: Iterable[nn.Module], h: torch.Tensor, rotary: nn.Module) -> torch.Tensor:
+    """Run decoder blocks on hidden states h (B, T, H) with causal attention, as LlamaModel does."""
+    B, T, _ = h.shape
+    position_ids = torch.arange(T, device=h.device).unsqueeze(0)  # (1, T)
+    cos_sin = rotary(h, position_ids)  # ((1, T, head_dim), (1, T, head_dim))
+    causal = torch.full((T, T), torch.finfo(h.dtype).min, device=h.device, dtype=h.dtype).triu(1)  # (T, T)
+    mask = causal[None, None]  # (1, 1, T, T): 0 on and below the diagonal
+    for layer in layers:
+        out = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=cos_sin)
+        h = out[0] if isinstance(out, tuple) else out  # (B, T, H)
+    return h
+
+
+@torch.no_grad()
+def lower_hidden(model: nn.Module, ids: torch.Tensor, first_trainable: int, batch_size: int = 8) -> torch.Tensor:
+    """Hidden states after the frozen blocks 0 .. first_trainable - 1: (N, T, hidden), computed once.
+
+    Adapting only the blocks above them, these are the same at every step,
+    so a run pays for the lower blocks once instead of at every step.
+    """
+    base = _decoder(model)
+    if isinstance(first_trainable, bool) or not isinstance(first_trainable, int) or not 0 <= first_trainable < len(base.layers):
+        raise ValueError(f"first_trainable must be an int in [0, {len(base.layers) - 1}], got {first_trainable!r}")
+    model.eval()
+    out = []
+    for i in range(0, len(ids), batch_size):
+        h = base.embed_tokens(ids[i:i + batch_size])  # (b, T, H)
+        out.append(_run_blocks(base.layers[:first_trainable], h, base.rotary_emb))
+    return torch.cat(out)  # (N, T, H)
+
+
+class TopBlocks(nn.Module):
+    """The top blocks of a LLaMA-style LM as a model of their own: hidden states in, logits out.
+
+    `layers` is a trainable copy of blocks first_trainable .. L-1; the final
+    norm is a frozen copy; the output projection is the original model's
+    (tied to the embeddings), frozen and shared, not copied.
+    `TopBlocks(model, k)(lower_hidden(model, ids, k))` gives model(ids).logits.
+    """
+
+    def __init__(self, model: nn.Module, first_trainable: int):
+        import copy
+
+        super().__init__()
+        base = _decoder(model)
+        if isinstance(first_trainable, bool) or not isinstance(first_trainable, int) or not 0 <= first_trainable < len(base.layers):
+            raise ValueError(f"first_trainable must be an int in [0, {len(base.layers) - 1}], got {first_trainable!r}")
+        self.first_trainable = first_trainable
+        self.layers = copy.deepcopy(base.layers[first_trainable:])
+        self.norm = copy.deepcopy(base.norm).requires_grad_(False)
+        self.rotary = base.rotary_emb  # buffers only
+        self.register_buffer("head_weight", model.get_output_embeddings().weight.detach(), persistent=False)  # (V, H), shared
+
+    def mlp_linear_names(self) -> list[str]:
+        """The MLP projections of every block here: gate_proj, up_proj and down_proj."""
+        return [f"layers.{i}.mlp.{p}" for i in range(len(self.layers)) for p in ("gate_proj", "up_proj", "down_proj")]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = _run_blocks(self.layers, h, self.rotary)  # (B, T, H)
+        return F.linear(self.norm(h), self.head_weight)  # (B, T, V)
+
+
+@torch.no_grad()
+def hidden_perplexity(top: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean next-token loss) of `top` on cached hidden states (N, T, H) and their targets (N, T)."""
+    if hidden.shape[:2] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} must share (N, T)")
+    top.eval()
+    total = 0.0
+    for i in range(0, len(hidden), batch_size):
+        logits = top(hidden[i:i + batch_size])  # (b, T, V)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), targets[i:i + batch_size].flatten(), reduction="sum").item()
+    return math.exp(total / targets.numel())
+
+
+@dataclass
+class AdaptResult:
+    method: str
+    target_sparsity: float | None
+    sparsity: float  # achieved over the pruned MLP projections
+    losses: list[float] = field(default_factory=list)
+    step_wall_s: list[float] = field(default_factory=list)  # per optimizer step
+    step_cpu_s: list[float] = field(default_factory=list)
+
+
+def adapt_top_blocks(top: TopBlocks, hidden: torch.Tensor, targets: torch.Tensor, method: str | None,
+                     final_sparsity: float = 0.0, config: FinePruneConfig = FinePruneConfig()) -> AdaptResult:
+    """Adapt `top` to new text with the causal-LM loss while pruning its MLP projections.
+
+    `hidden` (N, T, H) are `lower_hidden` outputs, `targets` (N, T) the next
+    tokens. Each step draws `config.batch_size` windows (seeded). The same
+    schedule and optimizer settings as `fine_prune` (`config.head_lr` is not
+    used); `method=None` adapts dense. `top` is wrapped in place (call
+    `finalize` afterwards) and left in eval mode.
+    """
+    import time
+
+    final = check_sparsity(final_sparsity, "final_sparsity")
+    if method is not None and method not in METHODS:
+        raise ValueError(f"method must be None (dense) or one of {METHODS}, got {method!r}")
+    if hidden.shape[:2] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} must share (N, T)")
+    if method is not None and not masked_layers(top):
+        wrap_linears(top, method, names=top.mlp_linear_names())
+    layers = _check_method(top, method, config)
+    scores = [layer.scores for layer in layers.values() if layer.scores is not None]
+    score_ids = {id(s) for s in scores}
+    body = [p for p in top.parameters() if p.requires_grad and id(p) not in score_ids]
+    optimizer = _optimizer(top, [{"params": body, "lr": config.lr}, {"params": scores, "lr": config.score_lr}])
+    g = torch.Generator().manual_seed(config.seed)
+    result = AdaptResult(method or "dense", final if method is not None else None, 0.0)
+    for step in range(config.steps):
+        wall, cpu = time.perf_counter(), time.process_time()
+        top.train()
+        if method is not None:
+            set_sparsity(top, config.schedule(step, final))
+        idx = torch.randint(0, len(hidden), (config.batch_size,), generator=g)  # (B,)
+        logits = top(hidden[idx])  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets[idx].flatten())
+        result.losses.append(loss.item())
+        if method == "soft":
+            loss = loss + config.penalty_at(step) * soft_penalty(scores)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        result.step_wall_s.append(time.perf_counter() - wall)
+        result.step_cpu_s.append(time.process_time() - cpu)
+    if method is not None:
+        set_sparsity(top, config.schedule(config.steps, final))
+    top.eval()
+    result.sparsity = masked_sparsity(top) if layers else 0.0
+    return result
+
+
+@dataclass(frozen=True)
+class LMSettings:
+    """Everything that defines the LLM part of Experiment 3 (`run_lm_grid`); the recorded JSON stores it."""
+
+    first_trainable: int = 28  # SmolLM2-135M has 30 blocks: adapt (and prune) blocks 28 and 29
+    block_size: int = 64  # tokens per window
+    train_windows: int = 64  # from the "adapt" half of the stdlib source
+    val_windows: int = 16  # the windows right after them, for every choice
+    eval_windows: int = 16  # held-out source ("heldout" half) and general text, reported once
+    adapt_chars: int = 40_000  # characters of each text read before cutting windows
+    steps: int = 60
+    batch_size: int = 4
+    lrs: tuple[float, ...] = (1e-4, 3e-4)  # chosen on validation, dense, first seed
+    score_lr: float = 1e-2
+    warmup_frac: float = 0.1
+    ramp_frac: float = 0.6
+    sparsities: tuple[float, ...] = (0.5, 0.8)
+    methods: tuple[str, ...] = ("magnitude", "hard")
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+    def config(self, seed: int, lr: float) -> FinePruneConfig:
+        return FinePruneConfig(steps=self.steps, batch_size=self.batch_size, lr=lr, score_lr=self.score_lr,
+                               warmup_frac=self.warmup_frac, ramp_frac=self.ramp_frac, seed=seed)
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class LMData:
+    """Token windows (x, y) of each text and the frozen lower blocks' outputs for them."""
+
+    x: dict[str, torch.Tensor]  # name -> (N, T) input ids
+    y: dict[str, torch.Tensor]  # name -> (N, T) next tokens
+    hidden: dict[str, torch.Tensor]  # name -> (N, T, H) after blocks 0 .. first_trainable - 1
+    cache_cpu_s: float = 0.0
+
+
+LM_TEXTS = ("train", "val", "python", "general")
+
+
+def lm_data(model: nn.Module, tokenizer, settings: LMSettings = LMSettings()) -> LMData:
+    """Windows of the four texts and their cached lower-block outputs.
+
+    - "train" and "val": consecutive windows of `stdlib_source("adapt")`;
+    - "python": held-out source, `stdlib_source("heldout")` (other files);
+    - "general": `chapter11.data.pydoc_topics("evaluation")`, English prose
+      about Python from its help pages (not code, not in any source file).
+    """
+    import time
+
+    from .data import pydoc_topics, text_tokens
+
+    T, n_train, n_val, n_eval = settings.block_size, settings.train_windows, settings.val_windows, settings.eval_windows
+    texts = {
+        "adapt": stdlib_source("adapt", max_chars=settings.adapt_chars),
+        "python": stdlib_source("heldout", max_chars=settings.adapt_chars),
+        "general": "\n\n".join(pydoc_topics("evaluation"))[: settings.adapt_chars],
+    }
+    x, y = {}, {}
+    xa, ya = lm_windows(text_tokens(tokenizer, texts["adapt"]), T)
+    if len(xa) < n_train + n_val:
+        raise ValueError(f"settings.adapt_chars={settings.adapt_chars} gives {len(xa)} windows, fewer than train + val = {n_train + n_val}")
+    x["train"], y["train"] = xa[:n_train], ya[:n_train]
+    x["val"], y["val"] = xa[n_train:n_train + n_val], ya[n_train:n_train + n_val]
+    for name in ("python", "general"):
+        x[name], y[name] = lm_windows(text_tokens(tokenizer, texts[name]), T)
+        if len(x[name]) < n_eval:
+            raise ValueError(f"settings.adapt_chars={settings.adapt_chars} gives {len(x[name])} {name} windows, fewer than {n_eval}")
+        x[name], y[name] = x[name][:n_eval], y[name][:n_eval]
+    cpu = time.process_time()
+    hidden = {name: lower_hidden(model, x[name], settings.first_trainable) for name in LM_TEXTS}
+    return LMData(x, y, hidden, time.process_time() - cpu)
+
+
+def lm_perplexities(top: nn.Module, data: LMData, names: Sequence[str] = ("val", "python", "general")) -> dict[str, float]:
+    return {name: hidden_perplexity(top, data.hidden[name], data.y[name]) for name in names}
+
+
+def run_lm_one(model: nn.Module, data: LMData, settings: LMSettings, method: str | None, sparsity: float,
+               seed: int, lr: float) -> dict:
+    """Adapt a fresh copy of the top blocks (pruning their MLPs with `method`) and measure perplexities."""
+    import statistics
+
+    top = TopBlocks(model, settings.first_trainable)
+    r = adapt_top_blocks(top, data.hidden["train"], data.y["train"], method, sparsity if method else 0.0,
+                         settings.config(seed, lr))
+    ppl = lm_perplexities(top, data)
+    return {"method": r.method, "target": sparsity if method else 0.0, "seed": seed, "lr": lr, "sparsity": r.sparsity,
+            "val": ppl["val"], "python": ppl["python"], "general": ppl["general"],
+            "first_loss": r.losses[0], "final_loss": sum(r.losses[-5:]) / len(r.losses[-5:]),
+            "step_cpu_s": statistics.median(r.step_cpu_s), "step_wall_s": statistics.median(r.step_wall_s)}
+
+
+def step_times(model: nn.Module, data: LMData, settings: LMSettings, repeats: int = 3) -> dict:
+    """Seconds per training step (forward + backward of a batch) with and without the cache, interleaved.
+
+    "cached": the top blocks on stored lower-block outputs; "uncached": the
+    frozen lower blocks recomputed first (what every step would cost without
+    the cache). Medians from `chapter11.bench.compare`; ratio = uncached / cached.
+    """
+    from .bench import compare
+
+    top = TopBlocks(model, settings.first_trainable)
+    top.train()
+    ids, y = data.x["train"][: settings.batch_size], data.y["train"][: settings.batch_size]
+    h = data.hidden["train"][: settings.batch_size]
+
+    def step(hidden):
+        top.zero_grad(set_to_none=True)
+        F.cross_entropy(top(hidden).flatten(0, 1), y.flatten()).backward()
+
+    timing = compare({"cached": lambda: step(h),
+                      "uncached": lambda: step(lower_hidden(model, ids, settings.first_trainable))},
+                     repeats=repeats, warmup=1)
+    return {"cached_s": timing["median_s"]["cached"], "uncached_s": timing["median_s"]["uncached"],
+            "ratio": timing["ratio"]["uncached"]}
+
+
+def run_lm_grid(settings: LMSettings = LMSettings(), progress=print) -> dict:
+    """The LLM part: pretrained perplexities, the learning rate chosen on validation, then every method x sparsity x seed."""
+    from .models import load_smollm
+
+    model, tokenizer = load_smollm()
+    data = lm_data(model, tokenizer, settings)
+    out = {"pretrained": lm_perplexities(TopBlocks(model, settings.first_trainable), data),
+           "cache_cpu_s": round(data.cache_cpu_s, 1), "windows": {k: list(v.shape) for k, v in data.x.items()}}
+    out["step_times"] = step_times(model, data, settings)
+    first = settings.seeds[0]
+    search = []
+    for lr in settings.lrs:
+        search.append(run_lm_one(model, data, settings, None, 0.0, first, lr))
+        if progress:
+            progress(f"dense lr {lr:g}: val ppl {search[-1]['val']:.3f}")
+    out["lr_search"] = search
+    out["lr"] = min(search, key=lambda r: r["val"])["lr"]
+    runs = []
+    for seed in settings.seeds:
+        for sparsity in (0.0, *settings.sparsities):
+            for method in ((None,) if sparsity == 0.0 else settings.methods):
+                if method is None and seed == first:
+                    rec = next(r for r in search if r["lr"] == out["lr"])
+                else:
+                    rec = run_lm_one(model, data, settings, method, sparsity, seed, out["lr"])
+                runs.append(rec)
+                if progress:
+                    progress(f"{rec['method']} {sparsity:g} seed {seed}: ppl python {rec['python']:.3f} general {rec['general']:.3f}")
+    out["runs"] = runs
+    return out
+
+
+LM_FULL_RUN_NAME = "03_llm_adaptation"
+
+
+def lm_full_run(settings: LMSettings = LMSettings(), command: str = "python -m chapter11.movement lm") -> dict:
+    """Run the LLM grid and record it (benchmarks/full/03_llm_adaptation.json)."""
+    import time
+
+    from .report import load_full_run, save_full_run
+
+    start = time.perf_counter()
+    results = run_lm_grid(settings)
+    save_full_run(LM_FULL_RUN_NAME, results, settings.as_dict(), command, time.perf_counter() - start)
+    return load_full_run(LM_FULL_RUN_NAME)
+
+
+if __name__ == "__main__":  # python -m chapter11.movement [lm]: the recorded full runs of Experiment 3
+    import sys
+
     torch.set_num_threads(2)
-    full_run()
+    if sys.argv[1:] == ["lm"]:
+        lm_full_run()
+    elif sys.argv[1:]:
+        raise SystemExit("usage: python -m chapter11.movement [lm]")
+    else:
+        full_run()
