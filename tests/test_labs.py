@@ -1,0 +1,363 @@
+"""The graded labs: nbgrader source notebooks, sample submissions, graders and the whole build.
+
+Quick tests check the notebooks as files and run the function labs in this
+process (reference solutions pass every test cell, hidden ones included;
+every wrong sample fails one). The slow test runs `chapter11.labs.main`
+once, the way `make labs` does: nbgrader makes the student release and
+autogrades the reference solutions and every sample in real kernels. It
+then checks the three promises of issue 19: the release holds no solution
+code, the references score full marks, every wrong sample loses points
+(plain magnitude pruning without fine-tuning included), and the project
+references pass with margin.
+"""
+
+import contextlib
+import csv
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from torch import nn
+
+from chapter11 import labs
+
+ROOT = Path(__file__).resolve().parents[1]
+LABS = labs.lab_names()
+FUNCTION_LABS = [n for n in LABS if n.startswith("lab_")]
+PROJECT_LABS = [n for n in LABS if n.startswith("project_")]
+
+
+def _source(lab):
+    return nbformat.read(labs.SOURCE / lab / f"{lab}.ipynb", as_version=4)
+
+
+def _meta(cell):
+    return cell.metadata.get("nbgrader", {})
+
+
+# ---------------------------------------------------------------- the notebooks as files
+
+
+def test_six_function_labs_and_three_projects():
+    assert len(FUNCTION_LABS) == 6 and PROJECT_LABS == ["project_1_fine_grained", "project_2_channels", "project_3_llm"]
+
+
+def test_nbval_and_the_experiment_runner_never_pick_up_a_lab():
+    from chapter11.__main__ import experiments
+
+    picked = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")) + experiments()
+    assert not [p for p in picked if "exercises" in p.parts]
+    assert not list((ROOT / "notebooks" / "exercises").rglob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("lab", LABS)
+def test_source_notebook_is_a_valid_nbgrader_assignment(lab):
+    nb = _source(lab)
+    nbformat.validate(nb)
+    ids = [_meta(c)["grade_id"] for c in nb.cells if _meta(c)]
+    assert len(ids) == len(set(ids)), f"duplicate grade ids in {lab}"
+    solutions = [c for c in nb.cells if _meta(c).get("solution") and not _meta(c).get("grade")]
+    tests = [c for c in nb.cells if _meta(c).get("grade") and c.cell_type == "code"]
+    assert solutions and tests
+    for cell in solutions:
+        assert c_count(cell.source, labs.BEGIN) == 1 and c_count(cell.source, labs.END) == 1, _meta(cell)["grade_id"]
+    for cell in tests:
+        assert _meta(cell)["locked"] and _meta(cell)["points"] > 0
+        assert labs.BEGIN not in cell.source
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{lab} is committed executed"
+
+
+def c_count(text, marker):
+    return sum(line.strip() == marker for line in text.splitlines())
+
+
+@pytest.mark.parametrize("lab", FUNCTION_LABS)
+def test_function_lab_hides_its_hand_computed_answers(lab):
+    tests = [c for c in _source(lab).cells if _meta(c).get("grade") and c.cell_type == "code"]
+    assert any("check.check_" in c.source for c in tests), "no visible checker test"
+    assert any("### BEGIN HIDDEN TESTS" in c.source and "### END HIDDEN TESTS" in c.source for c in tests)
+
+
+@pytest.mark.parametrize("lab", LABS)
+def test_every_lab_has_a_wrong_sample(lab):
+    samples = labs._samples(lab)
+    assert samples, f"no sample submission for {lab}"
+    ids = set(labs.reference_answers(lab))
+    for path in samples:
+        note, answers = labs.sample_answers(path)
+        assert note and set(answers) <= ids, path.name
+
+
+# ---------------------------------------------------------------- function labs, in this process
+
+
+def _run_cells(lab, answers):
+    """Run a lab's cells with the solution cells replaced by `answers`; {test grade_id: passed} (hidden tests included)."""
+    namespace, passed = {}, {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        for cell in _source(lab).cells:
+            meta = _meta(cell)
+            if cell.cell_type != "code":
+                continue
+            source = answers[meta["grade_id"]] if meta.get("solution") else cell.source
+            try:
+                exec(compile(source, f"{lab}:{meta.get('grade_id')}", "exec"), namespace)
+                ok = True
+            except Exception:
+                ok = False
+            if meta.get("grade"):
+                passed[meta["grade_id"]] = ok
+            elif not ok and not meta.get("solution"):
+                raise AssertionError(f"{lab}: cell {meta.get('grade_id')} failed")
+    return passed
+
+
+@pytest.mark.parametrize("lab", FUNCTION_LABS)
+def test_reference_solution_passes_every_test_cell(lab):
+    passed = _run_cells(lab, labs.reference_answers(lab))
+    assert passed and all(passed.values()), passed
+
+
+@pytest.mark.parametrize("sample", [p for lab in FUNCTION_LABS for p in labs._samples(lab)], ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_wrong_sample_fails_a_test_cell(sample):
+    lab = sample.parent.name
+    answers = {**labs.reference_answers(lab), **labs.sample_answers(sample)[1]}
+    passed = _run_cells(lab, answers)
+    assert not all(passed.values()), f"{sample.name} passed every test: {passed}"
+
+
+def test_unanswered_release_fails_every_test_cell():
+    lab = "lab_05_rigl_update"
+    stub = {gid: "raise NotImplementedError()" for gid in labs.reference_answers(lab)}
+    passed = _run_cells(lab, stub)
+    assert passed and not any(passed.values())
+
+
+# ---------------------------------------------------------------- answers and submissions
+
+
+def test_sample_file_format(tmp_path):
+    path = tmp_path / "two.py"
+    path.write_text("# first line\n# second line\n\n# %% a\nx = 1\n\n# %% b\ny = 2\n")
+    assert labs.sample_answers(path) == ("first line second line", {"a": "x = 1", "b": "y = 2"})
+    (tmp_path / "none.py").write_text("# no sections\n")
+    with pytest.raises(ValueError, match="no '# %% <grade_id>' section"):
+        labs.sample_answers(tmp_path / "none.py")
+
+
+def test_reference_answers_drop_only_the_markers():
+    answers = labs.reference_answers("lab_01_sparsity")
+    assert set(answers) == {"sparsity"}
+    assert labs.BEGIN not in answers["sparsity"] and "count_nonzero" in answers["sparsity"]
+    assert answers["sparsity"].startswith("def sparsity(W):")
+
+
+def test_fill_release_refuses_unknown_cells(tmp_path):
+    source = labs.SOURCE / "lab_01_sparsity" / "lab_01_sparsity.ipynb"
+    target = labs.fill_release(source, {"sparsity": "def sparsity(W):\n    return 0.0"}, tmp_path / "s" / "x.ipynb")
+    cells = nbformat.read(target, as_version=4).cells
+    assert any(c.source == "def sparsity(W):\n    return 0.0" for c in cells)
+    with pytest.raises(ValueError, match="not solution cells"):
+        labs.fill_release(source, {"nope": ""}, tmp_path / "y.ipynb")
+
+
+def test_build_refuses_unknown_labs_and_missing_folders(tmp_path):
+    with pytest.raises(ValueError, match="matches no lab"):
+        labs.build(tmp_path, only=["lab_99"], log=lambda *_: None)
+    with pytest.raises(FileNotFoundError, match="submitted"):
+        labs.build(tmp_path, submitted=tmp_path / "missing", log=lambda *_: None)
+
+
+def test_problems_flags_a_short_reference_and_a_perfect_sample():
+    rows = [{"lab": "a", "submission": "reference", "kind": "reference", "score": 4.0, "max_score": 5.0},
+            {"lab": "a", "submission": "sample-x", "kind": "sample", "score": 3.0, "max_score": 5.0},
+            {"lab": "a", "submission": "bob", "kind": "student", "score": 5.0, "max_score": 5.0}]
+    assert labs.problems(rows) == ["a: the reference scored 4/5"]
+
+
+# ---------------------------------------------------------------- graders
+
+
+def test_graders_refuse_what_is_not_a_model():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        labs.grade_fine_grained("model")
+    with pytest.raises(TypeError, match="SmallCNN"):
+        labs.grade_channels(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="no decoder projections"):
+        labs.grade_llm(nn.Linear(2, 2))
+
+
+def test_latency_report_needs_two_measured_times():
+    report = labs.ChannelReport(100, 250, 0.9, 0.9, 10, (16, 32, 32))
+    for bad in (None, {"dense": 1.0}, {"dense": 1.0, "pruned": 0.0}, {"dense": 1.0, "pruned": math.nan},
+                {"dense": True, "pruned": 1.0}):
+        with pytest.raises(ValueError, match="latency_ms"):
+            labs.check_latency(bad, report)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert labs.check_latency({"dense": 3.0, "pruned": 2.0}, report)
+    assert "1.50x for 2.50x fewer MACs" in out.getvalue()
+
+
+def test_reports_apply_the_targets_at_their_edges():
+    fine = labs.FineGrainedReport(density=0.20, accuracy=0.58, dense_accuracy=0.60, examples=10)
+    assert fine.density_ok and fine.accuracy_ok
+    assert not labs.FineGrainedReport(0.2001, 0.579, 0.60, 10).density_ok
+    assert not labs.FineGrainedReport(0.1, 0.579, 0.60, 10).accuracy_ok
+    channels = labs.ChannelReport(macs=50, dense_macs=100, accuracy=0.94, dense_accuracy=0.97, examples=10, channels=(1, 1, 1))
+    assert channels.macs_ok and channels.accuracy_ok
+    assert not labs.ChannelReport(51, 100, 0.939, 0.97, 10, (1, 1, 1)).macs_ok
+    llm = labs.LLMReport(sparsity=0.4995, min_layer_sparsity=0.49, perplexity=40.0, dense_perplexity=20.0, tokens=8)
+    assert llm.sparsity_ok and llm.perplexity_ok
+    assert not labs.LLMReport(0.49, 0.49, 40.1, 20.0, 8).sparsity_ok
+    assert not labs.LLMReport(0.5, 0.5, math.nan, 20.0, 8).perplexity_ok
+
+
+@pytest.mark.slow
+def test_fine_grained_grader_counts_weights_as_loaded_not_as_claimed():
+    """Masks of chapter11 and of torch.nn.utils.prune both count; an unpruned copy is dense; a wrong shape is refused."""
+    import torch.nn.utils.prune as torch_prune
+
+    from chapter11.magnitude import prune_magnitude
+
+    task = labs.fine_grained_task()
+    ours = task.model
+    prune_magnitude(ours, 0.85, scope="global")
+    assert abs(labs.grade_fine_grained(ours).density - 0.15) < 1e-6
+    theirs = labs.fine_grained_task().model
+    for name in ("fc1", "fc2", "fc3"):
+        torch_prune.l1_unstructured(getattr(theirs, name), "weight", amount=0.85)
+    report = labs.grade_fine_grained(theirs)
+    assert abs(report.density - 0.15) < 2e-4 and report.density_ok
+    assert labs.grade_fine_grained(task.dense).density == 1.0
+    with pytest.raises(ValueError, match="LeNet-300-100"):
+        labs.grade_fine_grained(nn.Sequential(nn.Linear(40, 10)))
+
+
+# ---------------------------------------------------------------- the whole build, as `make labs` runs it
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("labs")
+    mine = tmp_path_factory.mktemp("mine")  # two real students: a wrong answer and a file that is not a notebook
+    source = labs.SOURCE / "lab_01_sparsity" / "lab_01_sparsity.ipynb"
+    labs.fill_release(source, {"sparsity": "def sparsity(W):\n    return 0.0"}, mine / "alice" / "lab_01_sparsity" / source.name)
+    (mine / "bob" / "lab_01_sparsity").mkdir(parents=True)
+    (mine / "bob" / "lab_01_sparsity" / source.name).write_text("not a notebook")
+    lines = []
+    rows = labs.build(out, submitted=mine, log=lines.append)
+    code = 1 if labs.problems(rows) else 0
+    return out, rows, code, lines
+
+
+@pytest.mark.slow
+def test_release_holds_no_solution_code(built):
+    out, _, _, _ = built
+    for lab in LABS:
+        source = _source(lab)
+        outside = {line.strip() for c in source.cells for line in _outside_solutions(c).splitlines()}
+        secret = set()
+        for cell in source.cells:
+            secret |= {line.strip() for line in _inside_solutions(cell).splitlines()} - outside
+        secret = {s for s in secret if len(s) > 3}
+        release = nbformat.read(out / "release" / lab / f"{lab}.ipynb", as_version=4)
+        text = "\n".join(c.source for c in release.cells)
+        assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text
+        leaked = sorted(s for s in secret if s in {line.strip() for line in text.splitlines()})
+        assert not leaked, f"{lab}: the release shows solution or hidden-test lines {leaked[:3]}"
+        assert "raise NotImplementedError()" in text or "YOUR ANSWER HERE" in text
+
+
+def _inside_solutions(cell):
+    """Lines a student must not see: solution regions, hidden tests, and whole markdown answers."""
+    meta = _meta(cell)
+    if meta.get("solution") and cell.cell_type == "markdown":
+        return cell.source
+    keep, inside = [], False
+    for line in cell.source.splitlines():
+        s = line.strip()
+        if s in (labs.BEGIN, "### BEGIN HIDDEN TESTS"):
+            inside = True
+        elif s in (labs.END, "### END HIDDEN TESTS"):
+            inside = False
+        elif inside:
+            keep.append(line)
+    return "\n".join(keep)
+
+
+def _outside_solutions(cell):
+    if _meta(cell).get("solution") and cell.cell_type == "markdown":
+        return ""
+    hidden = set(_inside_solutions(cell).splitlines())
+    return "\n".join(line for line in cell.source.splitlines() if line not in hidden)
+
+
+@pytest.mark.slow
+def test_references_score_full_marks_and_every_sample_loses_points(built):
+    out, rows, code, _ = built
+    assert code == 0, labs.problems(rows)
+    refs = {r["lab"]: r for r in rows if r["kind"] == "reference"}
+    assert set(refs) == set(LABS)
+    for lab, r in refs.items():
+        assert r["score"] == r["max_score"] > 0, r
+    samples = [r for r in rows if r["kind"] == "sample"]
+    assert len(samples) == sum(len(labs._samples(lab)) for lab in LABS)
+    for r in samples:
+        assert r["score"] < r["max_score"] and r["failed_tests"], r
+    with open(out / "scores.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [(t["lab"], t["submission"]) for t in table] == [(r["lab"], r["submission"]) for r in rows]
+    assert all(float(t["score"]) == r["score"] for t, r in zip(table, rows))
+
+
+@pytest.mark.slow
+def test_plain_magnitude_pruning_misses_the_accuracy_targets(built):
+    _, rows, _, _ = built
+    lost = {(r["lab"], r["submission"]): r["failed_tests"].split() for r in rows}
+    assert lost["project_1_fine_grained", "sample-magnitude_no_finetune"] == ["test_accuracy"]
+    assert lost["project_2_channels", "sample-no_recovery"] == ["test_accuracy"]
+    assert lost["project_3_llm", "sample-magnitude"] == ["test_perplexity"]
+    assert lost["project_2_channels", "sample-zeroed_not_removed"] == ["test_macs"]
+
+
+def _report_text(out, lab, student="reference"):
+    nb = json.loads((out / "autograded" / student / lab / f"{lab}.ipynb").read_text())
+    return "".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []))
+
+
+@pytest.mark.slow
+def test_project_references_pass_with_margin(built):
+    out, _, _, _ = built
+    drop = lambda text: float(re.search(r"drop ([+-][0-9.]+) points", text).group(1))
+    p1 = _report_text(out, "project_1_fine_grained")
+    assert float(re.search(r"weights remaining: ([0-9.]+)%", p1).group(1)) <= 19.0, p1
+    assert drop(p1) <= 100 * labs.MAX_DROP_FINE - 1.0, p1
+    p2 = _report_text(out, "project_2_channels")
+    assert float(re.search(r"([0-9.]+)x fewer \(target", p2).group(1)) >= 2.2, p2
+    assert drop(p2) <= 100 * labs.MAX_DROP_CHANNELS - 1.0, p2
+    p3 = _report_text(out, "project_3_llm")
+    assert float(re.search(r"([0-9.]+)x \(target <= 2x\)", p3).group(1)) <= 0.9 * labs.MAX_PERPLEXITY_RATIO, p3
+
+
+@pytest.mark.slow
+def test_main_builds_only_what_is_asked(tmp_path):
+    assert labs.main(["--out", str(tmp_path), "--only", "lab_01", "--release-only"]) == 0
+    assert [p.name for p in (tmp_path / "release").iterdir()] == ["lab_01_sparsity"]
+    assert not (tmp_path / "autograded").exists()
+
+
+@pytest.mark.slow
+def test_real_submissions_are_graded_and_a_broken_one_scores_zero(built):
+    _, rows, _, _ = built
+    students = {r["submission"]: r for r in rows if r["kind"] == "student"}
+    assert set(students) == {"alice", "bob"}
+    assert students["alice"]["score"] == 0 and "test_sparsity_checker" in students["alice"]["failed_tests"]
+    assert students["bob"]["failed_tests"] == "autograde-failed" and "JSON" in students["bob"]["note"]
+    assert students["bob"]["max_score"] == 5
