@@ -91,6 +91,7 @@ __all__ = [
     "SparseRun",
     "TRAIN_METHODS",
     "train_sparse",
+    "compare_methods",
 ]
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
@@ -919,3 +920,76 @@ def train_sparse(
                     callback=callback, progress_bar=progress_bar, desc=method)
     densities = torch.tensor(rows, dtype=torch.float64).reshape(-1, len(names))  # (steps, layers)
     return SparseRun(history, updater, names, densities, torch.tensor(flags, dtype=torch.bool))
+
+
+def compare_methods(
+    make_model: Callable[[], nn.Module],
+    split,
+    methods: Sequence[str],
+    sparsities: Sequence[float],
+    seeds: Sequence[int],
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    distribution: str = "erk",
+    device=None,
+    snapshot: Iterable[str] = (),
+    keep_runs: bool = False,
+    **schedule,
+):
+    """Train every method at every sparsity for every seed, all for the same number of steps.
+
+    For each seed and configuration the batches come from a fresh
+    `chapter11.data.loaders(split, batch_size, seed)` and the model from
+    `make_model()` right after `seed_everything(seed)`, so every method sees
+    the same weights at the start and the same batches in the same order.
+    "dense" in `methods` trains once per seed. `schedule` holds
+    `train_sparse`'s update_every, alpha, end_fraction and prune_start.
+    Every run is checked: its logged densities equal `density_schedule` and
+    its layers end at their `distribution` sparsities (RuntimeError if not).
+
+    Returns `(table, runs)`: table maps "dense" or f"{sparsity}/{method}" to
+    {"accuracy": [test accuracy per seed], "training_flops": fraction of dense
+    training}; runs maps (key, seed) to the `SparseRun` when `keep_runs`.
+    `snapshot` names layers whose masks SET/RigL copy at every update.
+    """
+    from .data import loaders
+    from .train import evaluate, seed_everything
+
+    unknown = [m for m in methods if m not in TRAIN_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be a non-empty list from {TRAIN_METHODS}, got {list(methods)!r}")
+    for sp in sparsities:
+        check_sparsity(sp, "sparsities")
+    if not seeds:
+        raise ValueError("seeds is empty: need at least one seed")
+    table: dict[str, dict] = {}
+    runs: dict[tuple[str, int], SparseRun] = {}
+    for seed in seeds:
+        configs = [("dense", 0.0)] if "dense" in methods else []
+        configs += [(m, sp) for sp in sparsities for m in methods if m != "dense"]
+        for method, sp in configs:
+            train_loader, test_loader = loaders(split, batch_size=batch_size, seed=seed)  # the same batches for every method
+            seed_everything(seed)
+            model = make_model()
+            if device is not None:
+                model = model.to(device)
+            run = train_sparse(model, train_loader, method, sp, distribution, epochs=epochs, lr=lr, seed=seed,
+                               snapshot=snapshot if method in METHODS else (), progress_bar=False, **schedule)
+            key = "dense" if method == "dense" else f"{sp}/{method}"
+            shapes = {n: tuple(p.shape) for n, p in prunable_parameters(model).items()}
+            densities, dense_grad = density_schedule(shapes, method, sp, run.densities.shape[0], distribution,
+                                                     **{k: schedule[k] for k in schedule if k != "snapshot"})
+            if not (torch.equal(run.densities.cpu(), densities) and torch.equal(run.dense_gradient.cpu(), dense_grad)):
+                raise RuntimeError(f"{key}, seed {seed}: the logged layer densities differ from density_schedule")
+            if method != "dense":
+                targets = layer_sparsities(shapes, sp, distribution)
+                for name, mask in masks_of(model).items():
+                    if abs(1 - float(mask.sum()) / mask.numel() - targets[name]) > 1e-3:
+                        raise RuntimeError(f"{key}, seed {seed}: {name} ended away from its {distribution} sparsity")
+            macs = dense_macs(model, next(iter(test_loader))[0][:1].to(next(model.parameters()).device))
+            entry = table.setdefault(key, {"accuracy": [], "training_flops": run.training_flops(macs)})
+            entry["accuracy"].append(evaluate(model, test_loader)["accuracy"])
+            if keep_runs:
+                runs[key, seed] = run
+    return table, runs

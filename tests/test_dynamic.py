@@ -24,6 +24,7 @@ from chapter11.dynamic import (
     random_mask,
     random_masks,
     reset_optimizer_state,
+    compare_methods,
     train_sparse,
     training_flops,
     training_flops_loop,
@@ -586,3 +587,28 @@ def test_density_schedule_bad_input():
         density_schedule({"a": (2, 2)}, "static", 0.5, 0)
     with pytest.raises(ValueError, match="prune_start"):
         density_schedule({"a": (2, 2)}, "gradual", 0.5, 10, prune_start=0.8, end_fraction=0.5)
+
+
+def test_compare_methods_trains_every_configuration_from_the_same_start():
+    from chapter11.data import Split
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(96, 40, generator=g)
+    y = (X[:, :5].sum(1) > 0).long()
+    split = Split(X[:64], y[:64], X[64:], y[64:], 10)
+    settings = dict(update_every=2, alpha=0.3, end_fraction=0.75, prune_start=0.25)
+    table, runs = compare_methods(LeNet300100, split, ["dense", "static", "rigl", "gradual"], [0.8, 0.9], [0, 1], epochs=2,
+                                  batch_size=16, lr=1e-2, keep_runs=True, snapshot=["fc1.weight"], **settings)
+    assert set(table) == {"dense", "0.8/static", "0.8/rigl", "0.8/gradual", "0.9/static", "0.9/rigl", "0.9/gradual"}
+    assert all(len(v["accuracy"]) == 2 for v in table.values())
+    assert table["dense"]["training_flops"] == 1.0
+    shapes = {n: p.shape for n, p in LeNet300100().named_parameters() if n.endswith("weight")}
+    d, f = density_schedule(shapes, "rigl", 0.9, 8, **settings)
+    macs = dense_macs(LeNet300100(), torch.zeros(1, 40))
+    assert table["0.9/rigl"]["training_flops"] == pytest.approx(training_flops(macs, d, f))
+    assert "fc1.weight" in runs["0.9/rigl", 1].updater.snapshots
+    # the same seed gives the same result: a rerun of one configuration matches
+    again, _ = compare_methods(LeNet300100, split, ["static"], [0.8], [1], epochs=2, batch_size=16, lr=1e-2, **settings)
+    assert again["0.8/static"]["accuracy"] == table["0.8/static"]["accuracy"][1:]
+    with pytest.raises(ValueError, match="methods"):
+        compare_methods(LeNet300100, split, ["prune"], [0.8], [0], epochs=1)
