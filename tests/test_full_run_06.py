@@ -51,16 +51,18 @@ def test_record_has_provenance_and_the_notebooks_settings(record):
     s = record["settings"]
     assert s["sparsities"] == nb["SPARSITIES"]
     assert s["methods"] == ["dense"] + nb["METHODS"]
-    assert s["mlp_epochs"] == [nb["EPOCHS"], 3 * nb["EPOCHS"]]
+    assert (s["epochs"], s["long_epochs"]) == (nb["EPOCHS"], 3 * nb["EPOCHS"])
     assert (s["batch"], s["lr"]) == (nb["BATCH"], nb["LR"])
     assert {k: s[k] for k in nb["SETTINGS"]} == nb["SETTINGS"]
     assert set(nb["SEEDS"]) <= set(s["seeds"]) and len(s["seeds"]) >= 5
-    assert len(s["cnn_seeds"]) >= 3
+    assert len(s["long_seeds"]) >= 3 and len(s["cnn_seeds"]) >= 3
+    assert set(s["long_sparsities"]) <= set(s["sparsities"]) and set(s["cnn_sparsities"]) <= set(s["sparsities"])
 
 
 def test_record_is_complete(record):
     s, r = record["settings"], record["results"]
-    for arch, epochs_list, seeds, sparsities in [("MLP", s["mlp_epochs"], s["seeds"], s["sparsities"]),
+    for arch, epochs_list, seeds, sparsities in [("MLP", [s["epochs"]], s["seeds"], s["sparsities"]),
+                                                 ("MLP", [s["long_epochs"]], s["long_seeds"], s["long_sparsities"]),
                                                  ("CNN", [s["cnn_epochs"]], s["cnn_seeds"], s["cnn_sparsities"])]:
         for epochs in epochs_list:
             table = r[arch][str(epochs)]
@@ -88,8 +90,8 @@ def test_a_live_seed_lies_inside_the_recorded_spread(record, sparsity, method):
     seed_everything(seed)
     model = LeNet300100()
     settings = {k: s[k] for k in ("update_every", "alpha", "end_fraction", "prune_start")}
-    train_sparse(model, train_loader, method, sparsity, s["distribution"], epochs=s["mlp_epochs"][0], lr=s["lr"], seed=seed,
+    train_sparse(model, train_loader, method, sparsity, s["distribution"], epochs=s["epochs"], lr=s["lr"], seed=seed,
                  progress_bar=False, **settings)
     live = evaluate(model, test_loader)["accuracy"]
-    recorded = record["results"]["MLP"][str(s["mlp_epochs"][0])][f"{sparsity}/{method}"]["accuracy"]
+    recorded = record["results"]["MLP"][str(s["epochs"])][f"{sparsity}/{method}"]["accuracy"]
     assert min(recorded) - 0.03 <= live <= max(recorded) + 0.03, (live, recorded)
