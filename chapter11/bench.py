@@ -34,12 +34,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 
 from .report import atomic_write_text
 
-__all__ = ["machine_info", "describe_machine", "time_callable", "compare", "bench_masks", "masks_main", "main", "QUIET_POOLS", "quiet_pools_missing"]
+__all__ = ["machine_info", "describe_machine", "time_callable", "compare", "recorded_runs", "bench_masks", "masks_main", "main",
+           "QUIET_POOLS", "quiet_pools_missing", "BENCHMARKS"]
 
 
 def _cpu_model() -> str:
@@ -110,6 +112,7 @@ def compare(
     warmup: int = 3,
     reference: str | None = None,
     block: int = 1,
+    clock: str = "wall",
 ) -> dict:
     """Time every candidate interleaved (rotating order each round); medians and ratios.
 
@@ -122,6 +125,12 @@ def compare(
     Use it when candidates run on different thread pools (numpy, torch,
     numba), which keep spinning for a while after a call and would otherwise
     slow whichever candidate runs next.
+
+    `clock="cpu"` times with `time.process_time` (CPU seconds of this whole
+    process, all its threads) instead of the wall clock. On a machine shared
+    with other work, the wall clock also counts the time other processes hold
+    the cores; CPU time does not. It equals wall time only for single-threaded
+    candidates, so use it to compare candidates that each run on one thread.
     """
     names = list(candidates)
     if not names:
@@ -135,6 +144,10 @@ def compare(
     _sync()
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
+    clocks = {"wall": time.perf_counter, "cpu": time.process_time}
+    if clock not in clocks:
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    now = clocks[clock]
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(-(-repeats // block)):  # ceil: every candidate gets at least `repeats` timed calls
         order = names[r % len(names):] + names[: r % len(names)]
@@ -142,12 +155,45 @@ def compare(
             if block > 1:
                 candidates[n]()  # wake this candidate's threads; not timed
             for _ in range(block):
-                t0 = time.perf_counter()
+                t0 = now()
                 candidates[n]()
                 _sync()
-                times[n].append(time.perf_counter() - t0)
+                times[n].append(now() - t0)
     med = {n: statistics.median(ts) for n, ts in times.items()}
     return {"median_s": med, "ratio": {n: med[n] / med[reference] for n in names}, "times": times}
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def recorded_runs(kind: str | None = None, folder=None) -> list[dict]:
+    """Benchmark files recorded by earlier runs, each with where it came from.
+
+    `benchmarks/provenance.json` describes the files that do not describe
+    themselves: {file: {"kind" ("cpu"/"gpu"), "date", "commit", "by" (the
+    command or script), "device", "torch", "what"}}. Returns
+    [{"file", "kind", "date", "commit", "by", "device", "torch", "what", "data"}]
+    for the entries of `kind` (all if None), oldest first. These numbers were
+    measured then, not now: whoever shows them must say so.
+    """
+    root = Path(folder) if folder is not None else BENCHMARKS
+    if not root.is_dir():
+        raise FileNotFoundError(f"folder: no benchmarks folder at {str(root)!r}")
+    if kind not in (None, "cpu", "gpu"):
+        raise ValueError(f"kind must be None, 'cpu' or 'gpu', got {kind!r}")
+    prov_path = root / "provenance.json"
+    provenance = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+    found = []
+    for name, p in sorted(provenance.items()):
+        if kind is not None and p.get("kind") != kind:
+            continue
+        path = root / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{prov_path} describes {name}, which is missing")
+        found.append({"file": f"benchmarks/{name}", "kind": p.get("kind"), "date": p["date"], "commit": p.get("commit", "not recorded"),
+                      "by": p["by"], "device": p["device"], "torch": p.get("torch", "not recorded"), "what": p["what"],
+                      "data": json.loads(path.read_text())})
+    return sorted(found, key=lambda r: (r["date"], r["file"]))
 
 
 def _mlp(sizes: tuple[int, ...]) -> torch.nn.Sequential:

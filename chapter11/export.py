@@ -89,6 +89,7 @@ __all__ = [
     "file_bytes",
     "benchmark_onnx",
     "format_benchmark",
+    "replace_initializers",
     "to_sparse_matmul_onnx",
     "sparse_matmul_session",
     "SparseMatMulSession",
@@ -181,6 +182,36 @@ def save_onnx(model_proto, path) -> Path:
     if not isinstance(model_proto, onnx.ModelProto):
         raise TypeError(f"model_proto must be an onnx.ModelProto, got {type(model_proto).__name__}")
     return atomic_write_bytes(model_proto.SerializeToString(), _check_path(path))
+
+
+def replace_initializers(src, dst, weights) -> list[str]:
+    """Copy the ONNX file `src` to `dst` with new values for named initializers; returns their names.
+
+    `weights` maps initializer names to arrays or tensors of the same shape
+    and dtype, or is an `nn.Module` whose `state_dict()` gives them (mask
+    buffers are skipped). One export then serves many pruned copies of a
+    model: the graph stays, only the numbers change (much faster than
+    exporting each copy). Every given name must be an initializer of `src`.
+    """
+    from onnx import numpy_helper
+
+    if isinstance(weights, nn.Module):
+        weights = {k: v for k, v in weights.state_dict().items() if not k.endswith("_mask")}
+    if not isinstance(weights, Mapping) or not weights:
+        raise TypeError(f"weights must be a non-empty mapping of names to arrays, or an nn.Module, got {type(weights).__name__}")
+    model = load_onnx(src)
+    inits = {i.name: i for i in model.graph.initializer}
+    unknown = sorted(set(weights) - set(inits))
+    if unknown:
+        raise ValueError(f"weights: {unknown[:5]} are not initializers of src (it has {sorted(inits)[:8]}...)")
+    for name, value in weights.items():
+        old = numpy_helper.to_array(inits[name])
+        new = _check_array(value, f"weights[{name!r}]")
+        if new.shape != old.shape or new.dtype != old.dtype:
+            raise ValueError(f"weights[{name!r}] has shape {new.shape} and dtype {new.dtype}; src holds {old.shape} {old.dtype}")
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new), name))
+    save_onnx(model, dst)
+    return list(weights)
 
 
 # ---------------------------------------------------------------- sparse initializers
@@ -449,6 +480,8 @@ def to_sparse_matmul_onnx(src, dst, min_sparsity: float = 0.5, store: str = "inp
         if W is None or W.dtype != np.float32 or W.ndim != 2 or 1 - np.count_nonzero(W) / W.size < min_sparsity:
             nodes.append(node)
             continue
+        if not np.count_nonzero(W) and store == "input":
+            raise ValueError(f"src: {w_name} is all zeros; ORT's CSR tensors cannot hold an empty matrix (remove the layer instead)")
         y = node.output[0]
         xt, yt, yd = f"{y}__input_t", f"{y}__sparse_t", f"{y}__dense"
         # ORT's shape inference for this operator ignores transB, so the input is transposed by its own node
@@ -624,6 +657,7 @@ def benchmark_onnx(
     warmup: int = 3,
     reference: str | None = None,
     seed: int = 0,
+    clock: str = "wall",
 ) -> list[dict]:
     """Throughput of each session at each batch size, all timed interleaved in one run.
 
@@ -632,6 +666,9 @@ def benchmark_onnx(
     return finite outputs of the same shape. Rows:
     {"name", "batch", "median_s", "samples_per_s", "speedup"}, where speedup
     is the reference's median time over this one's (above 1 = faster).
+    `clock="cpu"` times CPU seconds instead of wall seconds
+    (`chapter11.bench.compare`): steadier on a busy machine, and the same
+    thing for sessions created with `threads=1`.
     """
     names = list(sessions)
     if not names:
@@ -657,7 +694,7 @@ def benchmark_onnx(
             shapes.add(out.shape)
         if len(shapes) != 1:
             raise AssertionError(f"sessions disagree on the output shape at batch {b}: {shapes}")
-        result = compare({n: (lambda s=sessions[n]: run_onnx(s, x)) for n in names}, repeats=repeats, warmup=warmup, reference=reference)
+        result = compare({n: (lambda s=sessions[n]: run_onnx(s, x)) for n in names}, repeats=repeats, warmup=warmup, reference=reference, clock=clock)
         for n in names:
             med = result["median_s"][n]
             rows.append({"name": n, "batch": b, "median_s": med, "samples_per_s": b / med, "speedup": 1.0 / result["ratio"][n]})

@@ -80,6 +80,8 @@ __all__ = [
     "random_llama_2to4",
     "cuda_csr_benchmark",
     "recorded_gpu_results",
+    "format_layer_rows",
+    "format_llm",
     "benchmark_main",
     "MODES",
 ]
@@ -755,39 +757,29 @@ def cuda_csr_benchmark(size: int = 4096, sparsities: Sequence[float] = (0.5, 0.9
 
 # ------------------------------------------------------------ recorded results
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
 def recorded_gpu_results(folder=None) -> list[dict]:
     """GPU measurements recorded in `benchmarks/` by earlier runs, each with where it came from.
 
     Two kinds of file: the first H200 runs (`h200_gpu_check.json`,
     `h200_semi_structured_2to4.json`), described by `benchmarks/provenance.json`
-    (date, commit, script, device: the files themselves hold rows only), and
-    the files `benchmark_main` writes (`benchmarks/gpu/semi_structured*.json`,
-    by `scripts/gpu_check.sh`), which carry
-    their own date, machine, commit and command. Returns
-    [{"file", "date", "by", "device", "torch", "what", "data"}], oldest first.
-    Nothing here is measured now; callers must label it as recorded.
+    (`chapter11.bench.recorded_runs`: the files hold rows only), and the
+    files `benchmark_main` writes (`benchmarks/gpu/semi_structured*.json`, by
+    `scripts/gpu_check.sh`), which carry their own date, machine, commit and
+    command. Returns [{"file", "date", "by", "device", "torch", "what",
+    "data"}], oldest first. Nothing here is measured now; label it as recorded.
     """
+    from chapter11.bench import BENCHMARKS, recorded_runs
+
     root = Path(folder) if folder is not None else BENCHMARKS
-    if not root.is_dir():
-        raise FileNotFoundError(f"folder: no benchmarks folder at {str(root)!r}")
-    found = []
-    prov_path = root / "provenance.json"
-    provenance = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
-    for name, p in sorted(provenance.items()):
-        path = root / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{prov_path} describes {name}, which is missing")
-        found.append({"file": f"benchmarks/{name}", "date": p["date"], "by": p["by"], "device": p["device"], "torch": p.get("torch", "not recorded"),
-                      "what": p["what"], "data": json.loads(path.read_text())})
+    found = recorded_runs("gpu", root)
     for path in sorted((root / "gpu").glob("semi_structured*.json")):
         data = json.loads(path.read_text())
         machine = data.get("machine", {})
-        found.append({"file": f"benchmarks/gpu/{path.name}", "date": data.get("date", "not recorded"), "by": data.get("command", "not recorded"),
-                      "device": machine.get("gpu", "not recorded"), "torch": machine.get("torch", "not recorded"), "what": data.get("what", ""), "data": data})
-    return sorted(found, key=lambda r: r["date"])
+        found.append({"file": f"benchmarks/gpu/{path.name}", "kind": "gpu", "date": data.get("date", "not recorded"),
+                      "commit": data.get("commit", "not recorded"), "by": data.get("command", "not recorded"),
+                      "device": machine.get("gpu", "not recorded"), "torch": machine.get("torch", "not recorded"),
+                      "what": data.get("what", ""), "data": data})
+    return sorted(found, key=lambda r: (r["date"], r["file"]))
 
 
 # ------------------------------------------------------------ command line
@@ -803,7 +795,8 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _format_layer_rows(rows: Sequence[Mapping]) -> str:
+def format_layer_rows(rows: Sequence[Mapping]) -> str:
+    """A fixed-width table of `semi_structured_benchmark` rows."""
     lines = [f"{'weight (out x in)':>18s} {'tokens':>7s} {'mode':>8s} {'dense ms':>9s} {'2:4 ms':>8s} {'2:4 speedup':>11s}"]
     for r in rows:
         shape = f"{r['out_features']}x{r['in_features']}"
@@ -814,7 +807,8 @@ def _format_layer_rows(rows: Sequence[Mapping]) -> str:
     return "\n".join(lines)
 
 
-def _format_llm(result: Mapping) -> str:
+def format_llm(result: Mapping) -> str:
+    """A few lines on one `semi_structured_llm_benchmark` result: the model, the logit check, tokens/s, crossover."""
     c, lg = result["config"], result["logits"]
     lines = [f"{result['label']}: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, MLP {c['intermediate_size']}; "
              f"{result['linears']} Linears converted; logits vs masked dense: rel diff {lg['rel_diff']:.1e}, same top token {lg['top1_agreement']:.3f}"]
@@ -896,7 +890,7 @@ def benchmark_main(argv: Sequence[str] | None = None) -> int:
             rows += semi_structured_benchmark(llm_shapes(compile_widths), tokens=args.compile_tokens, modes=("compile",), repeats=args.repeats)
         result["layers"] = rows
         result["layer_crossover"] = [{"out_features": o, "in_features": i, "mode": m, "tokens": c} for (o, i, m), c in crossovers(rows).items()]
-        print(_format_layer_rows(rows))
+        print(format_layer_rows(rows))
         for c in result["layer_crossover"]:
             where = "never, at the measured counts" if c["tokens"] is None else f"from about {c['tokens']:,} tokens"
             print(f"crossover {c['out_features']}x{c['in_features']} {c['mode']}: 2:4 wins {where}")
@@ -907,7 +901,7 @@ def benchmark_main(argv: Sequence[str] | None = None) -> int:
             r["masks"] = how
             result["llm"].append(r)
             print(how)
-            print(_format_llm(r))
+            print(format_llm(r))
             del model
             for width in ("llama-1b", "llama-7b"):
                 model = random_llama_2to4(width, num_layers=args.llm_layers)
@@ -915,7 +909,7 @@ def benchmark_main(argv: Sequence[str] | None = None) -> int:
                                                   prompts=((1, 256), (1, 1024), (1, 4096), (4, 4096)))
                 r["masks"] = "random weights, 2:4 by magnitude"
                 result["llm"].append(r)
-                print(_format_llm(r))
+                print(format_llm(r))
                 del model
                 torch.cuda.empty_cache()
     if args.json:

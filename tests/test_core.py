@@ -159,6 +159,21 @@ def test_bench_harness_medians_and_ratios():
         compare({"a": lambda: None}, block=0)
 
 
+def test_recorded_runs_say_where_each_file_came_from(tmp_path):
+    from chapter11.bench import recorded_runs
+
+    cpu, gpu = recorded_runs("cpu"), recorded_runs("gpu")
+    assert cpu and gpu and not {r["file"] for r in cpu} & {r["file"] for r in gpu}
+    for r in cpu + gpu:
+        assert r["date"] and r["by"] and r["device"] and r["what"] and r["data"]
+    assert len(recorded_runs()) == len(cpu) + len(gpu)
+    with pytest.raises(ValueError, match="kind must be"):
+        recorded_runs("tpu")
+    (tmp_path / "provenance.json").write_text(json.dumps({"gone.json": {"kind": "cpu", "date": "d", "by": "b", "device": "x", "what": "w"}}))
+    with pytest.raises(FileNotFoundError, match="gone.json"):
+        recorded_runs(folder=tmp_path)
+
+
 def test_bench_harness_imports_no_method_module():
     # csr, export and structured.channels import the harness; it must not import them back
     code = "import sys, chapter11.bench; print(sorted(m for m in sys.modules if m.startswith('chapter11.')))"

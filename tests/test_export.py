@@ -27,6 +27,7 @@ from chapter11.export import (
     to_sparse_tensor_loop,
     to_sparse_matmul_onnx,
     sparse_matmul_session,
+    replace_initializers,
     WEIGHTS_SUFFIX,
 )
 from chapter11.magnitude import prune_magnitude
@@ -360,7 +361,26 @@ def test_sparse_matmul_skips_dense_layers_and_rejects_bad_arguments(models, file
         to_sparse_matmul_onnx(paths["pruned"], tmp_path / "x.onnx", store="disk")
     with pytest.raises(ValueError, match="min_sparsity"):
         to_sparse_matmul_onnx(paths["pruned"], tmp_path / "x.onnx", min_sparsity=1.0)
+    empty = copy.deepcopy(models["dense"])
+    with torch.no_grad():
+        empty.fc2.weight.zero_()
+    with pytest.raises(ValueError, match="fc2.weight is all zeros"):
+        to_sparse_matmul_onnx(export_onnx(empty, torch.zeros(1, 20), tmp_path / "empty.onnx", dynamo=False), tmp_path / "x.onnx")
     to_sparse_matmul_onnx(paths["pruned"], tmp_path / "lost.onnx")
     (tmp_path / ("lost.onnx" + WEIGHTS_SUFFIX)).unlink()
     with pytest.raises(FileNotFoundError, match="weights file"):
         sparse_matmul_session(tmp_path / "lost.onnx")
+
+
+def test_replace_initializers_gives_the_pruned_model_from_the_dense_graph(models, files, tmp_path):
+    paths, _ = files
+    names = replace_initializers(paths["dense"], tmp_path / "swapped.onnx", models["pruned"])  # its mask buffers are skipped
+    assert set(names) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"}
+    check_agreement(models["pruned"], ort_session(tmp_path / "swapped.onnx"), torch.randn(9, 20), tol=1e-5, min_argmax_agreement=1.0)
+    assert file_bytes(tmp_path / "swapped.onnx") == file_bytes(paths["dense"])
+    with pytest.raises(ValueError, match="not initializers of src"):
+        replace_initializers(paths["dense"], tmp_path / "x.onnx", {"fc9.weight": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="has shape"):
+        replace_initializers(paths["dense"], tmp_path / "x.onnx", {"fc1.bias": np.zeros(3, np.float32)})
+    with pytest.raises(TypeError, match="non-empty mapping"):
+        replace_initializers(paths["dense"], tmp_path / "x.onnx", {})

@@ -258,7 +258,7 @@ def test_recorded_gpu_results_carry_their_provenance():
 
 
 def test_recorded_gpu_results_need_the_described_files(tmp_path):
-    (tmp_path / "provenance.json").write_text(json.dumps({"missing.json": {"date": "d", "by": "b", "device": "x", "what": "w"}}))
+    (tmp_path / "provenance.json").write_text(json.dumps({"missing.json": {"kind": "gpu", "date": "d", "by": "b", "device": "x", "what": "w"}}))
     with pytest.raises(FileNotFoundError, match="missing.json"):
         recorded_gpu_results(tmp_path)
     with pytest.raises(FileNotFoundError, match="no benchmarks folder"):
