@@ -157,6 +157,18 @@ def test_bench_harness_medians_and_ratios():
     assert calls == ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4  # one untimed call per block, order rotates
     with pytest.raises(ValueError, match="block"):
         compare({"a": lambda: None}, block=0)
+    # CPU clock: a sleeping candidate costs (almost) no CPU time, a busy one does
+    import time
+
+    def busy():
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.005:
+            pass
+
+    cpu = compare({"busy": busy, "sleep": lambda: time.sleep(0.005)}, repeats=3, warmup=0, clock="cpu")
+    assert cpu["ratio"]["sleep"] < 0.5 and cpu["median_s"]["sleep"] < 0.004  # the wall clock would give both >= 5 ms
+    with pytest.raises(ValueError, match="clock must be"):
+        compare({"a": lambda: None}, clock="gpu")
 
 
 def test_recorded_runs_say_where_each_file_came_from(tmp_path):
