@@ -433,3 +433,138 @@ def test_global_topk_masks_match_topk_on_the_concatenation_even_with_ties():
         flat = torch.cat([t.flatten() for t in tensors])
         expected = mv.topk_mask_loop(flat, sparsity)  # ties keep the lower index
         assert torch.equal(torch.cat([m.flatten() for m in masks]), expected)
+
+
+# --- LLM domain adaptation: cached lower blocks, pruned top-block MLPs -------------
+
+
+def _tiny_lm(layers=3, tie=False):
+    from chapter11.models import tiny_llama
+
+    model = tiny_llama(num_layers=layers, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=48, seed=0)
+    if tie:
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+@pytest.mark.parametrize("first", [0, 1, 2])
+def test_top_blocks_on_cached_hidden_states_give_the_model_logits(first):
+    model = _tiny_lm()
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits  # (3, 12, 256)
+    h = mv.lower_hidden(model, ids, first, batch_size=2)
+    top = mv.TopBlocks(model, first)
+    with torch.no_grad():
+        assert torch.allclose(top(h), expected, atol=1e-5)
+    assert len(top.layers) == 3 - first
+    assert top.mlp_linear_names()[:3] == ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj", "layers.0.mlp.down_proj"]
+    with pytest.raises(ValueError, match="first_trainable"):
+        mv.TopBlocks(model, 3)
+    with pytest.raises(TypeError, match="LLaMA-style"):
+        mv.lower_hidden(nn.Linear(2, 2), ids, 1)
+
+
+def test_top_blocks_with_sdpa_and_tied_embeddings_match_and_share_the_head():
+    model = _tiny_lm(tie=True)
+    model.config._attn_implementation = "sdpa"
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+    top = mv.TopBlocks(model, 2)
+    with torch.no_grad():
+        assert torch.allclose(top(mv.lower_hidden(model, ids, 2)), expected, atol=1e-5)
+    assert top.head_weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # shared, not copied
+    assert "head_weight" not in top.state_dict()
+
+
+def test_hidden_perplexity_matches_train_perplexity_on_the_same_windows():
+    from chapter11.train import perplexity
+
+    model = _tiny_lm()
+    tokens = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(2))
+    x, y = mv.lm_windows(tokens, 16)
+    assert x.shape == (6, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    expected = perplexity(model, tokens, block_size=16, batch_size=4)
+    got = mv.hidden_perplexity(mv.TopBlocks(model, 1), mv.lower_hidden(model, x, 1), y, batch_size=4)
+    assert math.isclose(got, expected, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "hard", "soft", "mixed"])
+def test_adapt_top_blocks_prunes_only_the_top_mlps_and_leaves_the_model_alone(method):
+    model = _tiny_lm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 256, (8, 12), generator=torch.Generator().manual_seed(3))
+    h, y = mv.lower_hidden(model, ids[:, :-1], 2), ids[:, 1:]
+    top = mv.TopBlocks(model, 2)
+    attn_before = top.layers[0].self_attn.q_proj.weight.detach().clone()
+    cfg = mv.FinePruneConfig(steps=10, batch_size=4, lr=1e-2, penalty=1.0 if method == "soft" else 0.0)
+    r = mv.adapt_top_blocks(top, h, y, method, 0.8, cfg)
+    assert r.sparsity == pytest.approx(0.8, abs=1e-3) and len(r.step_cpu_s) == 10
+    assert sorted(mv.masked_layers(top)) == sorted(top.mlp_linear_names())
+    assert not torch.equal(top.layers[0].self_attn.q_proj.weight, attn_before)  # attention adapts, unpruned
+    for k, v in model.state_dict().items():  # the pretrained model is untouched
+        assert torch.equal(v, before[k]), k
+    masks = mv.finalize(top)
+    zeros = sum(int((top.get_parameter(n) == 0).sum()) for n in masks)
+    assert zeros >= round(0.8 * sum(m.numel() for m in masks.values())) - len(masks)  # soft: one global cut
+
+
+def test_adapt_top_blocks_dense_lowers_the_training_loss():
+    model = _tiny_lm(layers=2)
+    tokens = torch.arange(200) % 7  # a pattern the top block can learn
+    x, y = mv.lm_windows(tokens, 16)
+    h = mv.lower_hidden(model, x, 1)
+    top = mv.TopBlocks(model, 1)
+    before = mv.hidden_perplexity(top, h, y)
+    r = mv.adapt_top_blocks(top, h, y, None, config=mv.FinePruneConfig(steps=30, batch_size=4, lr=1e-2))
+    assert r.method == "dense" and r.sparsity == 0.0
+    assert mv.hidden_perplexity(top, h, y) < 0.7 * before  # the frozen random head limits how far it can go
+
+
+def test_stdlib_source_halves_share_no_file_and_are_not_the_help_topics():
+    from chapter11.data import pydoc_topics
+
+    adapt, held = mv.stdlib_source("adapt", max_chars=20_000), mv.stdlib_source("heldout", max_chars=20_000)
+    assert len(adapt) == len(held) == 20_000 and adapt[:200] != held[:200]
+    assert "def " in adapt and "def " in held
+    topic = pydoc_topics("evaluation")[0][:200]
+    assert topic not in mv.stdlib_source("adapt") and topic not in mv.stdlib_source("heldout")
+    with pytest.raises(ValueError, match="part"):
+        mv.stdlib_source("train")
+
+
+# --- the grid helpers -------------------------------------------------------------
+
+
+def test_schedule_is_the_same_cubic_for_every_method_and_penalty_ramps_with_it():
+    from chapter11.schedules import cubic_sparsity
+
+    cfg = mv.FinePruneConfig(steps=100, penalty=10.0)
+    for t in (0, 10, 11, 40, 69, 70, 100):
+        assert cfg.schedule(t, 0.97) == cubic_sparsity(t, 0.97, t0=10, n=60)
+    assert cfg.penalty_at(0) == 0.0 and cfg.penalty_at(70) == 10.0
+
+
+def test_grid_settings_round_trip_and_summaries():
+    s = mv.GridSettings()
+    d = s.as_dict()
+    assert d["sparsities"] == [0.5, 0.9, 0.97] and d["methods"] == list(mv.METHODS) and len(d["seeds"]) >= 3
+    assert mv.GridSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}) == s
+    runs = [{"method": m, "target": 0.9, "test": v} for m, v in [("hard", 0.5), ("hard", 0.7), ("magnitude", 0.2)]]
+    sums = mv.grid_summaries(runs)
+    assert sums["hard"][0.9].mean == pytest.approx(0.6) and sums["magnitude"][0.9].n == 1
+
+
+def test_docstring_task_validation_split_is_disjoint():
+    class Tok:  # whitespace tokenizer, enough for the split
+        def __call__(self, texts, padding, truncation, max_length, return_tensors):
+            ids = torch.tensor([[hash(w) % 1000 for w in t.split()[:max_length]] + [0] * (max_length - len(t.split()[:max_length]))
+                                for t in texts])
+            return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+    task = mv.docstring_task(Tok(), max_length=8, max_per_class=60, test_per_class=20, val_per_class=10)
+    assert task.test_counts == [20] * 9 and task.val_counts == [10] * 9 and task.train_counts == [30] * 9
+    with pytest.raises(ValueError, match="val_per_class"):
+        mv.docstring_task(Tok(), max_per_class=30, test_per_class=20, val_per_class=10)
