@@ -99,7 +99,10 @@ __all__ = [
     "grid_summaries",
     "FULL_RUN_NAME",
     "full_run",
+    "SOURCE_PARTS",
+    "stdlib_source_files",
     "stdlib_source",
+    "spread_windows",
     "lm_windows",
     "lower_hidden",
     "TopBlocks",
@@ -109,6 +112,7 @@ __all__ = [
     "LMSettings",
     "LMData",
     "LM_TEXTS",
+    "lm_texts",
     "lm_data",
     "lm_perplexities",
     "run_lm_one",
@@ -1193,29 +1197,71 @@ def full_run(settings: GridSettings = GridSettings(), command: str = "python -m 
 # ---------------------------------------------------------------------------
 
 
-def stdlib_source(part: str, max_chars: int | None = None) -> str:
-    """Source code of the standard library's top-level modules, split by file into two halves.
+SOURCE_PARTS = ("adapt", "heldout")
 
-    Files `<stdlib>/*.py` sorted by name; even positions form `"adapt"`,
-    odd positions `"heldout"`, so no file is in both. Packages (folders,
-    which hold `pydoc_data`'s help topics) are left out. On Python 3.11
-    that is 84 files in each half. `max_chars` keeps the first that many
-    characters.
+
+def stdlib_source_files(part: str) -> dict[str, str]:
+    """{file name: source} of the standard library's top-level modules, split by file into two halves.
+
+    Files `<stdlib>/*.py` sorted by name; even positions form `"adapt"`, odd
+    positions `"heldout"`, so no file is in both. Packages (folders, which
+    hold `pydoc_data`'s help topics) are left out. On Python 3.11 that is 84
+    files in each half.
+
+    >>> list(stdlib_source_files("adapt"))[:2], list(stdlib_source_files("heldout"))[:2]
+    (['__future__.py', '_aix_support.py'], ['__hello__.py', '_bootsubprocess.py'])
+    """
+    import sysconfig
+
+    if part not in SOURCE_PARTS:
+        raise ValueError(f"part must be one of {SOURCE_PARTS}, got {part!r}")
+    from pathlib import Path
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    chosen = files[SOURCE_PARTS.index(part)::2]
+    return {p.name: p.read_text(encoding="utf-8", errors="replace") for p in chosen}
+
+
+def stdlib_source(part: str, max_chars: int | None = None) -> str:
+    """`stdlib_source_files(part)` joined by blank lines; `max_chars` keeps the first that many characters.
 
     >>> stdlib_source("adapt", max_chars=29)[3:]
     'Record of phased-in incomp'
     """
-    import sysconfig
-    from pathlib import Path
-
-    if part not in ("adapt", "heldout"):
-        raise ValueError(f"part must be 'adapt' or 'heldout', got {part!r}")
     if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1):
         raise ValueError(f"max_chars must be None or a positive int, got {max_chars!r}")
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    chosen = files[("adapt", "heldout").index(part)::2]
-    text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in chosen)
+    text = "\n\n".join(stdlib_source_files(part).values())
     return text if max_chars is None else text[:max_chars]
+
+
+def spread_windows(tokenizer, texts: Sequence[str], n: int, block_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` windows (x, y) of `block_size` tokens spread over many texts: one per text, round robin, seeded.
+
+    Texts are shuffled (seeded), those shorter than 8 * block_size characters
+    skipped; window i comes from text i mod (number of texts), at a seeded
+    random character offset. Spreading windows over files measures how well
+    a model does on Python in general, not on one file.
+    """
+    from .data import text_tokens
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    span = 8 * block_size  # characters read per window: code runs about 3 characters per token
+    usable = [t for t in texts if len(t) >= span]
+    if not usable:
+        raise ValueError(f"texts: none has the {span} characters a window of {block_size} tokens needs")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(usable), generator=g).tolist()
+    rows = []
+    for i in range(n):
+        text = usable[order[i % len(usable)]]
+        start = int(torch.randint(0, len(text) - span + 1, (1,), generator=g))
+        ids = text_tokens(tokenizer, text[start:start + span])  # (m,)
+        if len(ids) < block_size + 1:
+            raise ValueError(f"a window of {span} characters gave {len(ids)} tokens, fewer than block_size + 1 = {block_size + 1}")
+        rows.append(ids[: block_size + 1])
+    windows = torch.stack(rows)  # (n, T + 1)
+    return windows[:, :-1], windows[:, 1:]
 
 
 def lm_windows(tokens: torch.Tensor, block_size: int, max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1384,10 +1430,9 @@ class LMSettings:
 
     first_trainable: int = 28  # SmolLM2-135M has 30 blocks: adapt (and prune) blocks 28 and 29
     block_size: int = 64  # tokens per window
-    train_windows: int = 64  # from the "adapt" half of the stdlib source
-    val_windows: int = 16  # the windows right after them, for every choice
+    train_windows: int = 64  # from the "adapt" half of the stdlib source, minus its validation files
+    val_windows: int = 16  # from every 5th file of the "adapt" half, for every choice
     eval_windows: int = 16  # held-out source ("heldout" half) and general text, reported once
-    adapt_chars: int = 40_000  # characters of each text read before cutting windows
     steps: int = 60
     batch_size: int = 4
     lrs: tuple[float, ...] = (1e-4, 3e-4)  # chosen on validation, dense, first seed
@@ -1421,35 +1466,31 @@ class LMData:
 LM_TEXTS = ("train", "val", "python", "general")
 
 
-def lm_data(model: nn.Module, tokenizer, settings: LMSettings = LMSettings()) -> LMData:
-    """Windows of the four texts and their cached lower-block outputs.
+def lm_texts() -> dict[str, list[str]]:
+    """The four text sources of the LLM part, as lists of documents (files or help topics).
 
-    - "train" and "val": consecutive windows of `stdlib_source("adapt")`;
-    - "python": held-out source, `stdlib_source("heldout")` (other files);
+    - "train": `stdlib_source_files("adapt")` except every 5th file;
+    - "val": every 5th file of the "adapt" half (files the adaptation never sees);
+    - "python": `stdlib_source_files("heldout")`, the other half of the files;
     - "general": `chapter11.data.pydoc_topics("evaluation")`, English prose
-      about Python from its help pages (not code, not in any source file).
+      about Python from its help pages (not code, and in no source file).
     """
+    from .data import pydoc_topics
+
+    adapt = list(stdlib_source_files("adapt").values())
+    return {"train": [t for i, t in enumerate(adapt) if i % 5 != 4], "val": adapt[4::5],
+            "python": list(stdlib_source_files("heldout").values()), "general": pydoc_topics("evaluation")}
+
+
+def lm_data(model: nn.Module, tokenizer, settings: LMSettings = LMSettings()) -> LMData:
+    """Windows of the four texts of `lm_texts` and their cached lower-block outputs."""
     import time
 
-    from .data import pydoc_topics, text_tokens
-
-    T, n_train, n_val, n_eval = settings.block_size, settings.train_windows, settings.val_windows, settings.eval_windows
-    texts = {
-        "adapt": stdlib_source("adapt", max_chars=settings.adapt_chars),
-        "python": stdlib_source("heldout", max_chars=settings.adapt_chars),
-        "general": "\n\n".join(pydoc_topics("evaluation"))[: settings.adapt_chars],
-    }
+    counts = {"train": settings.train_windows, "val": settings.val_windows,
+              "python": settings.eval_windows, "general": settings.eval_windows}
     x, y = {}, {}
-    xa, ya = lm_windows(text_tokens(tokenizer, texts["adapt"]), T)
-    if len(xa) < n_train + n_val:
-        raise ValueError(f"settings.adapt_chars={settings.adapt_chars} gives {len(xa)} windows, fewer than train + val = {n_train + n_val}")
-    x["train"], y["train"] = xa[:n_train], ya[:n_train]
-    x["val"], y["val"] = xa[n_train:n_train + n_val], ya[n_train:n_train + n_val]
-    for name in ("python", "general"):
-        x[name], y[name] = lm_windows(text_tokens(tokenizer, texts[name]), T)
-        if len(x[name]) < n_eval:
-            raise ValueError(f"settings.adapt_chars={settings.adapt_chars} gives {len(x[name])} {name} windows, fewer than {n_eval}")
-        x[name], y[name] = x[name][:n_eval], y[name][:n_eval]
+    for i, (name, texts) in enumerate(lm_texts().items()):
+        x[name], y[name] = spread_windows(tokenizer, texts, counts[name], settings.block_size, seed=i)
     cpu = time.process_time()
     hidden = {name: lower_hidden(model, x[name], settings.first_trainable) for name in LM_TEXTS}
     return LMData(x, y, hidden, time.process_time() - cpu)
