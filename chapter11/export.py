@@ -71,6 +71,7 @@ from .bench import compare
 from .masks import remove_masks
 from .report import atomic_write_bytes
 from .sparsity import check_sparsity
+from .train import model_device
 
 __all__ = [
     "export_onnx",
@@ -146,7 +147,8 @@ def export_onnx(
     if example_input.ndim < 1:
         raise ValueError(f"example_input must have a batch axis, got shape {tuple(example_input.shape)}")
     path = _check_path(path)
-    clean = copy.deepcopy(model).eval()
+    clean = copy.deepcopy(model).eval().cpu()  # ONNX Runtime runs here on the CPU, whatever device trained the model
+    example_input = example_input.detach().cpu()
     remove_masks(clean)  # weights already hold the zeros; drop the *_mask buffers
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation and tracer chatter; the result is checked by the caller
@@ -623,8 +625,8 @@ def check_agreement(model: nn.Module, session, x, tol: float = 1e-4, min_argmax_
     was_training = model.training
     model.eval()
     try:
-        x_t = torch.as_tensor(x, dtype=torch.float32)
-        ref = model(x_t).numpy()  # (B, out)
+        x_t = torch.as_tensor(x, dtype=torch.float32).cpu()
+        ref = model(x_t.to(model_device(model))).cpu().numpy()  # (B, out), wherever the model lives
     finally:
         model.train(was_training)
     got = run_onnx(session, x_t)  # (B, out)

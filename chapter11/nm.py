@@ -706,14 +706,15 @@ def random_llama_2to4(width: str, num_layers: int = 2, vocab_size: int = 4096, d
 
     For timing only: the speed of a matrix product does not depend on what
     the weights learned. `num_layers` decoder layers (not the real depth).
-    Built directly on `device` (default: CUDA when present) in float32.
+    Built directly on `device` (default: `chapter11.train.default_device()`) in float32.
     """
     from chapter11.models import tiny_llama
+    from chapter11.train import default_device
 
     if width not in LLAMA_WIDTHS:
         raise ValueError(f"width must be one of {sorted(LLAMA_WIDTHS)}, got {width!r}")
     w = LLAMA_WIDTHS[width]
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device is not None else default_device()
     with torch.device(device):
         model = tiny_llama(vocab_size=vocab_size, hidden_size=w["hidden_size"], num_layers=_positive_int(num_layers, "num_layers"),
                            num_heads=w["num_heads"], num_kv_heads=w["num_kv_heads"], intermediate_size=w["intermediate_size"],
