@@ -883,37 +883,46 @@ def benchmark_main(argv: Sequence[str] | None = None) -> int:
         "skip_reason": gpu_skip_reason(),
     }
     print(f"machine: {describe_machine()}", flush=True)
+    def save():  # after every step, so a run cut short by a time limit keeps what it measured
+        if args.json:
+            atomic_write_text(json.dumps(result, indent=1, default=str), args.json)
+
+    def layer_part(rows):
+        result["layers"] = result.get("layers", []) + rows
+        result["layer_crossover"] = [{"out_features": o, "in_features": i, "mode": m, "tokens": c} for (o, i, m), c in crossovers(result["layers"]).items()]
+        print(format_layer_rows(rows), flush=True)
+        for c in result["layer_crossover"]:
+            if c["mode"] in {r["mode"] for r in rows}:
+                where = "never, at the measured counts" if c["tokens"] is None else f"from about {c['tokens']:,} tokens"
+                print(f"crossover {c['out_features']}x{c['in_features']} {c['mode']}: 2:4 wins {where}", flush=True)
+        save()
+
+    def llm_part(model, how, **kwargs):
+        r = semi_structured_llm_benchmark(model, **kwargs)
+        r["masks"] = how
+        result.setdefault("llm", []).append(r)
+        print(how)
+        print(format_llm(r), flush=True)
+        save()
+
+    save()
     if result["skip_reason"]:
         print(f"skipped the 2:4 GPU benchmark: {result['skip_reason']}")
     else:
-        rows = semi_structured_benchmark(llm_shapes(widths), tokens=args.tokens, modes=modes, repeats=args.repeats)
-        if compile_widths and "compile" not in modes:
-            rows += semi_structured_benchmark(llm_shapes(compile_widths), tokens=args.compile_tokens, modes=("compile",), repeats=args.repeats)
-        result["layers"] = rows
-        result["layer_crossover"] = [{"out_features": o, "in_features": i, "mode": m, "tokens": c} for (o, i, m), c in crossovers(rows).items()]
-        print(format_layer_rows(rows))
-        for c in result["layer_crossover"]:
-            where = "never, at the measured counts" if c["tokens"] is None else f"from about {c['tokens']:,} tokens"
-            print(f"crossover {c['out_features']}x{c['in_features']} {c['mode']}: 2:4 wins {where}")
+        # cheapest and surest first: layers eagerly and replayed, then whole LLMs, then torch.compile (slow to compile, may fail)
+        layer_part(semi_structured_benchmark(llm_shapes(widths), tokens=args.tokens, modes=modes, repeats=args.repeats))
         if args.llm:
-            result["llm"] = []
             model, how = _smollm_2to4(args.method, calibration_tokens=16 * 128)
-            r = semi_structured_llm_benchmark(model, label="smollm2-135m", prompts=((1, 256), (1, 1024), (1, 2048), (4, 2048), (8, 2048), (16, 2048)))
-            r["masks"] = how
-            result["llm"].append(r)
-            print(how)
-            print(format_llm(r))
+            llm_part(model, how, label="smollm2-135m", prompts=((1, 256), (1, 1024), (1, 2048), (4, 2048), (8, 2048), (16, 2048)))
             del model
             for width in ("llama-1b", "llama-7b"):
                 model = random_llama_2to4(width, num_layers=args.llm_layers)
-                r = semi_structured_llm_benchmark(model, label=f"{width} ({args.llm_layers} random layers)", min_top1=None,
-                                                  prompts=((1, 256), (1, 1024), (1, 4096), (4, 4096)))
-                r["masks"] = "random weights, 2:4 by magnitude"
-                result["llm"].append(r)
-                print(format_llm(r))
+                llm_part(model, "random weights, 2:4 by magnitude", label=f"{width} ({args.llm_layers} random layers)", min_top1=None,
+                         prompts=((1, 256), (1, 1024), (1, 4096), (4, 4096)))
                 del model
                 torch.cuda.empty_cache()
+        if compile_widths and "compile" not in modes:
+            layer_part(semi_structured_benchmark(llm_shapes(compile_widths), tokens=args.compile_tokens, modes=("compile",), repeats=args.repeats))
     if args.json:
-        atomic_write_text(json.dumps(result, indent=1, default=str), args.json)
         print(f"json: {args.json}")
     return 0
