@@ -931,9 +931,11 @@ def _classifier_logits(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor) 
 def evaluate_classifier(model: nn.Module, dataset, batch_size: int = 64) -> float:
     """Accuracy of a (input_ids, attention_mask) -> logits classifier on a TensorDataset."""
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for ids, attn, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        correct += int((_classifier_logits(model, ids, attn).argmax(-1) == y).sum())
+        logits = _classifier_logits(model, ids.to(device), attn.to(device))  # (B, classes)
+        correct += int((logits.argmax(-1).cpu() == y).sum())
     return correct / len(dataset)
 
 
@@ -993,9 +995,11 @@ def fine_prune(model: nn.Module, task: DocstringTask, method: str | None, final_
                                    {"params": scores, "lr": config.score_lr, "weight_decay": 0.0}])
     result = FinePruneResult(method or "dense", final if method is not None else None, 0.0, 0.0,
                              penalty=config.penalty if method == "soft" else None)
+    device = next(model.parameters()).device
     step = 0
     while step < config.steps:
         for ids, attn, y in loader:
+            ids, attn, y = ids.to(device), attn.to(device), y.to(device)
             model.train()
             if method is not None:
                 set_sparsity(model, config.schedule(step, final))
@@ -1041,7 +1045,7 @@ class GridSettings:
     max_per_class: int = 120  # 9 balanced classes
     test_per_class: int = 30  # 270 test docstrings, reported once
     val_per_class: int = 20  # 180 validation docstrings, for every choice
-    steps: int = 100  # optimizer steps per run (batch 16: about 2.5 epochs of 630 docstrings)
+    steps: int = 150  # optimizer steps per run (batch 16: about 3.8 epochs of 630 docstrings)
     batch_size: int = 16
     lr: float = 1e-4
     head_lr: float = 1e-3
@@ -1073,11 +1077,16 @@ def _run_key(method: str | None, sparsity: float, seed: int, penalty: float, ste
 
 
 def run_one(task: DocstringTask, settings: GridSettings, method: str | None, sparsity: float, seed: int,
-            penalty: float = 0.0, steps: int | None = None, eval_every: int | None = None) -> dict:
-    """One fine-pruning run of the grid from fresh pretrained weights; a JSON-ready record."""
+            penalty: float = 0.0, steps: int | None = None, eval_every: int | None = None, device=None) -> dict:
+    """One fine-pruning run of the grid from fresh pretrained weights; a JSON-ready record.
+
+    `device` defaults to `chapter11.train.default_device()`.
+    """
     import time
 
-    model = minilm_classifier(len(task.class_names), layers=settings.layers, seed=seed)
+    from .train import default_device
+
+    model = minilm_classifier(len(task.class_names), layers=settings.layers, seed=seed).to(device or default_device())
     if method is not None:
         wrap_linears(model, method)
     config = settings.config(seed, penalty if method == "soft" else 0.0, steps)
@@ -1314,9 +1323,10 @@ def lower_hidden(model: nn.Module, ids: torch.Tensor, first_trainable: int, batc
     if isinstance(first_trainable, bool) or not isinstance(first_trainable, int) or not 0 <= first_trainable < len(base.layers):
         raise ValueError(f"first_trainable must be an int in [0, {len(base.layers) - 1}], got {first_trainable!r}")
     model.eval()
+    device = base.embed_tokens.weight.device
     out = []
     for i in range(0, len(ids), batch_size):
-        h = base.embed_tokens(ids[i:i + batch_size])  # (b, T, H)
+        h = base.embed_tokens(ids[i:i + batch_size].to(device))  # (b, T, H)
         out.append(_run_blocks(base.layers[:first_trainable], h, base.rotary_emb))
     return torch.cat(out)  # (N, T, H)
 
@@ -1358,10 +1368,12 @@ def hidden_perplexity(top: nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     if hidden.shape[:2] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} must share (N, T)")
     top.eval()
+    device = top.head_weight.device if hasattr(top, "head_weight") else next(top.parameters()).device
     total = 0.0
     for i in range(0, len(hidden), batch_size):
-        logits = top(hidden[i:i + batch_size])  # (b, T, V)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), targets[i:i + batch_size].flatten(), reduction="sum").item()
+        logits = top(hidden[i:i + batch_size].to(device))  # (b, T, V)
+        y = targets[i:i + batch_size].flatten().to(device)  # (b * T,)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y, reduction="sum").item()
     return math.exp(total / targets.numel())
 
 
@@ -1400,6 +1412,7 @@ def adapt_top_blocks(top: TopBlocks, hidden: torch.Tensor, targets: torch.Tensor
     body = [p for p in top.parameters() if p.requires_grad and id(p) not in score_ids]
     optimizer = _optimizer(top, [{"params": body, "lr": config.lr}, {"params": scores, "lr": config.score_lr}])
     g = torch.Generator().manual_seed(config.seed)
+    device = top.head_weight.device
     result = AdaptResult(method or "dense", final if method is not None else None, 0.0)
     for step in range(config.steps):
         wall, cpu = time.perf_counter(), time.process_time()
@@ -1407,8 +1420,8 @@ def adapt_top_blocks(top: TopBlocks, hidden: torch.Tensor, targets: torch.Tensor
         if method is not None:
             set_sparsity(top, config.schedule(step, final))
         idx = torch.randint(0, len(hidden), (config.batch_size,), generator=g)  # (B,)
-        logits = top(hidden[idx])  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets[idx].flatten())
+        logits = top(hidden[idx].to(device))  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets[idx].flatten().to(device))
         result.losses.append(loss.item())
         if method == "soft":
             loss = loss + config.penalty_at(step) * soft_penalty(scores)
@@ -1526,8 +1539,9 @@ def step_times(model: nn.Module, data: LMData, settings: LMSettings, repeats: in
 
     top = TopBlocks(model, settings.first_trainable)
     top.train()
-    ids, y = data.x["train"][: settings.batch_size], data.y["train"][: settings.batch_size]
-    h = data.hidden["train"][: settings.batch_size]
+    device = top.head_weight.device
+    ids, y = data.x["train"][: settings.batch_size], data.y["train"][: settings.batch_size].to(device)
+    h = data.hidden["train"][: settings.batch_size].to(device)
 
     def step(hidden):
         top.zero_grad(set_to_none=True)
@@ -1543,8 +1557,10 @@ def step_times(model: nn.Module, data: LMData, settings: LMSettings, repeats: in
 def run_lm_grid(settings: LMSettings = LMSettings(), progress=print) -> dict:
     """The LLM part: pretrained perplexities, the learning rate chosen on validation, then every method x sparsity x seed."""
     from .models import load_smollm
+    from .train import default_device
 
     model, tokenizer = load_smollm()
+    model.to(default_device())
     data = lm_data(model, tokenizer, settings)
     out = {"pretrained": lm_perplexities(TopBlocks(model, settings.first_trainable), data),
            "cache_cpu_s": round(data.cache_cpu_s, 1), "windows": {k: list(v.shape) for k, v in data.x.items()}}
