@@ -10,9 +10,11 @@ from chapter11 import lottery
 from chapter11.data import Split, loaders
 from chapter11.lottery import (
     LotteryConfig,
+    batches,
     early_stop,
     early_stop_loop,
     find_ticket,
+    find_tickets,
     holdout,
     load_lottery,
     random_masks,
@@ -20,6 +22,8 @@ from chapter11.lottery import (
     rewind,
     rewind_error,
     rewind_loop,
+    seed_curve,
+    seed_table,
     snapshot,
     sparsity_schedule,
     sparsity_schedule_loop,
@@ -205,6 +209,8 @@ def test_holdout_is_a_partition(tiny_data):
         (dict(controls=("reinit", "lucky")), "controls"),
         (dict(rewind_step=-2), "rewind_step"),
         (dict(epochs=0), "epochs"),
+        (dict(patience=-1), "patience"),
+        (dict(patience=2.5), "patience"),
         (dict(lr=float("nan")), "lr"),
     ],
 )
@@ -241,11 +247,15 @@ def test_search_follows_schedule_and_shrinks(search):
             assert (cur[name] <= prev[name]).all()
     assert set(result.rounds[1]["runs"]) == {"ticket", "reinit", "random_mask"}
     run = result.rounds[2]["runs"]["ticket"]
-    assert len(run["steps"]) == len(run["val_loss"]) == len(run["test_accuracy"]) == len(run["train_loss"])
+    assert len(run["steps"]) == len(run["val_loss"]) == len(run["val_accuracy"]) == len(run["train_loss"])
     assert run["early_stop_step"] == run["steps"][run["early_stop_index"]]
-    assert 0.0 <= run["final_accuracy"] <= run["best_accuracy"] + 1e-12 <= 1.0 + 1e-12
-    xs, ys = result.curve("random_mask", "final_accuracy")
-    assert xs[0] == 1.0 and len(xs) == 3 and ys[0] == result.rounds[0]["runs"]["ticket"]["final_accuracy"]
+    assert run["early_stop_val_accuracy"] == run["val_accuracy"][run["early_stop_index"]]
+    assert 0.0 <= run["early_stop_accuracy"] <= 1.0
+    assert run["stopped_early"] is False and run["total_steps"] == 2 * 8  # patience 0: all epochs (128 examples, batch 16)
+    xs, ys = result.curve("random_mask")
+    assert xs[0] == 1.0 and len(xs) == 3 and ys[0] == result.rounds[0]["runs"]["ticket"]["early_stop_accuracy"]
+    with pytest.raises(ValueError, match="key"):
+        result.curve("ticket", "steps")
 
 
 def test_load_lottery_reads_back_the_same(search):
@@ -291,7 +301,7 @@ def test_late_rewinding_snapshot_is_step_k(tiny_data):
     seed_everything(config.seed)
     model = tiny_model()
     part, _ = holdout(tiny_data, config.val_size, seed=config.data_seed)
-    train_loader, _ = loaders(part, config.batch_size, seed=config.data_seed)
+    train_loader = batches(part.X_train, part.y_train, config.batch_size, seed=config.data_seed)
     train(model, train_loader, lr=config.lr, max_steps=k, progress_bar=False)
     for name, p in model.state_dict().items():
         assert torch.equal(result.rewind_state[name], p), name
@@ -341,3 +351,86 @@ def test_find_ticket_rejects_bad_arguments(tiny_data):
         find_ticket(tiny_model, tiny_data, config={"rounds": 1})
     with pytest.raises(TypeError, match="data"):
         find_ticket(tiny_model, (1, 2))
+
+
+# --- early stopping inside a run ------------------------------------------------
+
+
+def _run_once(tiny_data, **overrides):
+    config = LotteryConfig(**{**TINY, **overrides})
+    part, _ = holdout(tiny_data, config.val_size, seed=0)
+    train_loader, val_loader = loaders(part, config.batch_size, seed=0)
+    _, test_loader = loaders(tiny_data, config.batch_size, seed=0)
+    seed_everything(0)
+    model = tiny_model()
+    record, _ = lottery.train_run(model, train_loader, val_loader, test_loader, config, progress_bar=False)
+    return model, record, (val_loader, test_loader)
+
+
+def test_patience_stops_and_restores_the_best_weights(tiny_data):
+    # lr 0.5 overshoots, so the validation loss soon stops improving
+    model, record, (val_loader, test_loader) = _run_once(tiny_data, epochs=40, patience=3, eval_every=2, lr=0.5)
+    i = record["early_stop_index"]
+    assert record["stopped_early"] is True
+    assert len(record["steps"]) == i + 1 + 3  # three evaluations without a new minimum, then stop
+    assert record["total_steps"] == record["steps"][-1] < 40 * len(loaders(holdout(tiny_data, 32)[0], 16)[0])
+    assert record["val_loss"][i] == min(record["val_loss"]) < record["val_loss"][-1]
+    # the weights in the model are those of the minimum: re-scoring reproduces its numbers
+    from chapter11.train import evaluate
+    assert evaluate(model, val_loader)["loss"] == pytest.approx(record["val_loss"][i], abs=1e-6)
+    assert evaluate(model, test_loader)["accuracy"] == record["early_stop_accuracy"]
+
+
+def test_without_patience_every_epoch_runs(tiny_data):
+    _, record, _ = _run_once(tiny_data, epochs=3, patience=0, eval_every=2, lr=0.5)
+    steps_per_epoch = len(loaders(holdout(tiny_data, 32)[0], 16)[0])
+    assert record["stopped_early"] is False and record["total_steps"] == 3 * steps_per_epoch
+
+
+def test_eval_every_beyond_the_run_is_refused(tiny_data):
+    with pytest.raises(ValueError, match="eval_every"):
+        _run_once(tiny_data, epochs=1, eval_every=10_000)
+
+
+# --- several seeds ------------------------------------------------------------
+
+
+def test_find_tickets_seeds_and_tables(tiny_data, tmp_path):
+    config = LotteryConfig(**{**TINY, "rounds": 1, "controls": ("reinit",)})
+    results = find_tickets(tiny_model, tiny_data, config, seeds=[3, 4], path=tmp_path, progress_bar=False)
+    assert [r.config.seed for r in results] == [3, 4]
+    assert (tmp_path / "seed_3" / "records.json").is_file() and (tmp_path / "seed_4" / "records.json").is_file()
+    assert not torch.equal(results[0].theta_0["0.weight"], results[1].theta_0["0.weight"])  # other seed, other init
+    single = find_ticket(tiny_model, tiny_data, LotteryConfig(**{**TINY, "rounds": 1, "controls": ("reinit",), "seed": 4}), progress_bar=False)
+    assert single.rounds == results[1].rounds  # same as one search with that seed
+    table = seed_table(results, runs=("ticket", "reinit"))
+    assert table["seeds"] == [3, 4] and len(table["density"]) == 2
+    assert table["ticket"][1] == [r.rounds[1]["runs"]["ticket"]["early_stop_accuracy"] for r in results]
+    assert table["reinit"][0] == table["ticket"][0]  # round 0 is the shared dense run
+    xs, ys = seed_curve(table, "reinit")
+    assert xs == table["density"] and ys[1].n == 2 and ys[1].mean == pytest.approx(sum(table["reinit"][1]) / 2)
+    with pytest.raises(ValueError, match="not trained"):
+        seed_table(results, runs=("random_mask",))
+    with pytest.raises(ValueError, match="differ only in their seed"):
+        seed_table([results[0], find_ticket(tiny_model, tiny_data, LotteryConfig(**{**TINY, "rounds": 1, "controls": ("reinit",), "lr": 0.02}), progress_bar=False)])
+    with pytest.raises(ValueError, match="seeds"):
+        find_tickets(tiny_model, tiny_data, config, seeds=[1, 1])
+    with pytest.raises(ValueError, match="run"):
+        seed_curve(table, "random_mask")
+
+
+def test_batches_cover_every_example_once_per_epoch():
+    X, y = torch.arange(20.).reshape(10, 2), torch.arange(10)
+    loader = batches(X, y, 4, seed=1)
+    epochs = [[b.tolist() for _, b in loader] for _ in range(2)]
+    assert [len(b) for b in epochs[0]] == [4, 4, 2] and len(loader) == 3
+    assert all(sorted(sum(e, [])) == list(range(10)) for e in epochs)
+    assert epochs[0] != epochs[1]  # a new order every epoch
+    again = batches(X, y, 4, seed=1)
+    assert [b.tolist() for _, b in again] == epochs[0]  # same seed, same order
+    for xb, yb in batches(X, y, 3):
+        assert torch.equal(xb, X[yb])  # rows stay paired with their labels
+    with pytest.raises(ValueError, match="batch_size"):
+        batches(X, y, 0)
+    with pytest.raises(ValueError, match="same length"):
+        batches(X, y[:5], 2)
