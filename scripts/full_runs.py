@@ -107,9 +107,10 @@ def main(argv=None) -> int:
         results[stem] = run_one(path, left, env)
         r = results[stem]
         print(f"{stem}: {r['status']} in {r['seconds']:.0f} s; {len(r.get('records', {}))} headline numbers", flush=True)
+    prefixes = tuple(select(name)[0].stem[:3] for name in args.notebooks)   # "05_": files this run's notebooks record
     if full.is_dir():
         for p in full.glob("*.json"):
-            if before.get(p) != p.stat().st_mtime:
+            if p.name.startswith(prefixes) and before.get(p) != p.stat().st_mtime:
                 (out / "full").mkdir(parents=True, exist_ok=True)
                 shutil.copy2(p, out / "full" / p.name)
                 print(f"copied {p.relative_to(ROOT)} to {out / 'full'}", flush=True)

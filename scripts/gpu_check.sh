@@ -9,6 +9,7 @@
 #   2. 2:4 vs dense fp16 per LLM layer shape (eager, CUDA graph, compile),
 #      and the end-to-end 2:4 LLMs: SmolLM2-135M pruned 2:4 by Wanda, and
 #      random-weight LLaMA-1B/7B-width decoders (python -m chapter11 bench semi --llm)  <= 240 s
+#      (its JSON is rewritten after every step, so a stage cut short keeps what it measured)
 #   3. torch's CUDA CSR vs dense fp32                                          <= 60 s
 #   4. CH11_FULL=1 notebooks, in the order of NOTEBOOKS, as many as fit in what is
 #      left of BUDGET_S (scripts/full_runs.py: time and headline numbers of each)
