@@ -75,6 +75,7 @@ __all__ = [
     "PruneResult",
     "prune_llm",
     "prune_and_evaluate",
+    "prune_grid",
     "layer_means",
 ]
 
@@ -752,6 +753,36 @@ def prune_and_evaluate(model: nn.Module, calibration: torch.Tensor | None, token
         return perplexity(pruned, tokens, block_size=seq_len, batch_size=batch_size), result
     finally:
         del pruned
+
+
+def prune_grid(model: nn.Module, calibration_tokens: torch.Tensor, tokens: torch.Tensor, patterns: dict[str, dict],
+               seeds: Sequence[int] = (0,), methods: Sequence[str] = METHODS, num_sequences: int = 8, seq_len: int = 128,
+               measure_error: Sequence[str] = (), **kwargs) -> dict[tuple[str, str, int], tuple[float, PruneResult]]:
+    """Every method at every pattern and calibration seed: {(method, label, seed): (perplexity, PruneResult)}.
+
+    `patterns` maps a label to `prune_llm` keywords, e.g. {"50%": {"sparsity": 0.5},
+    "2:4": {"sparsity": None, "n": 2, "m": 4}}. For each seed, `num_sequences` windows of
+    `seq_len` tokens are drawn from `calibration_tokens` (`calibration_sequences`).
+    Magnitude uses no calibration data, so it runs once per pattern, under the first seed.
+    Wanda and SparseGPT also record per-layer output errors for the labels in
+    `measure_error` (first seed only). Extra keywords go to `prune_llm`.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    runs = {}
+    for seed in seeds:
+        sample = calibration_sequences(calibration_tokens, num_sequences, seq_len, seed=seed)
+        for label, pattern in patterns.items():
+            for method in methods:
+                if method == "magnitude" and seed != seeds[0]:
+                    continue
+                measure = method != "magnitude" and label in measure_error and seed == seeds[0]
+                runs[method, label, seed] = prune_and_evaluate(model, None if method == "magnitude" else sample, tokens, method,
+                                                               seq_len=seq_len, measure_error=measure, **pattern, **kwargs)
+    return runs
 
 
 def layer_means(values: dict[str, float], by: str = "projection") -> dict:

@@ -17,6 +17,7 @@ from chapter11.oneshot import (
     mask_from_scores,
     mask_from_scores_loop,
     prune_and_evaluate,
+    prune_grid,
     prune_llm,
     sparsegpt_prune,
     sparsegpt_prune_loop,
@@ -343,6 +344,22 @@ def test_prune_and_evaluate_prunes_a_copy_and_layer_means_group_names(calibratio
     assert sum(by_block.values()) / 2 == pytest.approx(sum(errors) / len(errors))  # 7 layers per block
     with pytest.raises(ValueError, match="by"):
         layer_means(result.output_error, by="head")
+
+
+def test_prune_grid_runs_magnitude_once_and_calibrated_methods_per_seed():
+    model = tiny_llama(num_layers=1)
+    tokens = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(3))
+    patterns = {"50%": dict(sparsity=0.5), "1:4": dict(sparsity=None, n=1, m=4)}
+    runs = prune_grid(model, tokens, tokens[:129], patterns, seeds=(0, 1), methods=("magnitude", "wanda"),
+                      num_sequences=2, seq_len=32, measure_error=("50%",), progress_bar=False)
+    assert sorted(runs) == sorted([("magnitude", "50%", 0), ("magnitude", "1:4", 0)]
+                                  + [("wanda", p, s) for p in patterns for s in (0, 1)])
+    assert runs["wanda", "1:4", 1][1].sparsity == pytest.approx(0.75, abs=1e-3)
+    assert runs["wanda", "50%", 0][1].output_error and not runs["wanda", "50%", 1][1].output_error
+    assert runs["wanda", "50%", 0][0] != runs["wanda", "50%", 1][0]  # another calibration sample, another model
+    assert not masks_of(model)
+    with pytest.raises(ValueError, match="methods"):
+        prune_grid(model, tokens, tokens, patterns, methods=("obs",))
 
 
 def test_calibration_sequences_are_seeded_windows():
