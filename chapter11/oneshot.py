@@ -36,7 +36,10 @@ Covers: `wanda_scores`, `mask_from_scores`, `wanda_mask`, `sparsegpt_prune`
 prunes every Linear inside the decoder blocks of a LLaMA-like model
 (`model.model.layers`: LLaMA, Mistral, Qwen, our `tiny_llama`) block by block,
 each block calibrated on the outputs of the already-pruned blocks before it,
-and keeps the result as `<param>_mask` buffers (`chapter11.masks`).
+and keeps the result as `<param>_mask` buffers (`chapter11.masks`). For
+experiments: `prune_and_evaluate` (prune a copy, measure perplexity),
+`prune_grid` (methods x patterns x calibration seeds), `layer_means` and
+`statistics_bytes` (what each method must hold in memory).
 
 But: no quantisation (SparseGPT's joint sparse + quantised variant), no
 outlier-aware or per-layer sparsity allocation (OWL), no channel permutation
