@@ -568,3 +568,11 @@ def test_docstring_task_validation_split_is_disjoint():
     assert task.test_counts == [20] * 9 and task.val_counts == [10] * 9 and task.train_counts == [30] * 9
     with pytest.raises(ValueError, match="val_per_class"):
         mv.docstring_task(Tok(), max_per_class=30, test_per_class=20, val_per_class=10)
+
+
+@pytest.mark.parametrize("q", [0.0001, 0.03, 0.5, 0.97, 0.9999])
+def test_kth_smallest_matches_kthvalue_on_large_tensors(q):
+    g = torch.Generator().manual_seed(7)
+    flat = torch.cat([torch.randn(1_500_000, generator=g), torch.full((1000,), -math.inf), torch.zeros(5000)])
+    k = max(1, round(q * flat.numel()))
+    assert mv._kth_smallest(flat, k) == float(torch.kthvalue(flat, k).values)
