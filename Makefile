@@ -60,9 +60,9 @@ book: $(STAMP)
 
 ## Benchmarks run with OpenMP's default (spinning) waits: the setting a deployment would use
 bench: $(STAMP)
-	env -u OMP_WAIT_POLICY $(BIN)/python -m chapter11.bench masks --json build/bench_masks.json
-	env -u OMP_WAIT_POLICY $(BIN)/python -m chapter11.bench sparse --json build/bench_sparse.json
-	env -u OMP_WAIT_POLICY $(BIN)/python -m chapter11.bench structured --json build/bench_structured.json
+	env -u OMP_WAIT_POLICY $(BIN)/python -m chapter11 bench masks --json build/bench_masks.json
+	env -u OMP_WAIT_POLICY $(BIN)/python -m chapter11 bench sparse --json build/bench_sparse.json
+	env -u OMP_WAIT_POLICY $(BIN)/python -m chapter11 bench structured --json build/bench_structured.json
 
 clean:
 	rm -rf build book/_build
