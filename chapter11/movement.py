@@ -1085,7 +1085,7 @@ class GridSettings:
     sparsities: tuple[float, ...] = (0.5, 0.9, 0.97)
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0, 1, 2)
-    penalties: tuple[float, ...] = (1.0, 10.0, 100.0)  # soft movement's lambda: candidates, chosen on validation
+    penalties: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)  # soft movement's lambda: candidates, chosen on validation
     penalty_sparsity: float = 0.97  # ... at this sparsity, with the first seed
     dense_long_steps: int = 200  # one longer dense run (first seed) shows where the plateau is; 0 skips it
     eval_every: int = 25  # validation accuracy along the dense runs
