@@ -287,7 +287,7 @@ def test_gqa_generate_with_cache_matches_masked(attn):
     assert torch.equal(out_masked, out_pruned) and out_pruned.shape == (1, 12)
 
 
-@pytest.mark.parametrize("plan, layer, group", [({0: [0]}, 0, 1), ({1: [0, 1, 4]}, 1, 1), ({0: [3, 4]}, 0, 1)])
+@pytest.mark.parametrize("plan, layer, group", [({0: [0]}, 0, 0), ({1: [0, 1, 4]}, 1, 0), ({0: [3, 4]}, 0, 1), ({1: [5]}, 1, 1)])
 def test_gqa_uneven_plan_names_layer_and_group(plan, layer, group):
     model = _gqa()
     before = copy.deepcopy(model.state_dict())
@@ -298,7 +298,7 @@ def test_gqa_uneven_plan_names_layer_and_group(plan, layer, group):
 
 def test_gqa_uneven_after_earlier_removal():
     model = remove_heads(_gqa(), {0: [1, 4]})  # groups keep {0, 2} and {3, 5}
-    with pytest.raises(ValueError, match="layer 0, key/value group 1"):
+    with pytest.raises(ValueError, match="layer 0, key/value group 0 would keep 1 query heads \\[2\\], but group 1 keeps 2"):
         remove_heads(model, {0: [0]})
     remove_heads(model, {0: [0, 3]})  # one more from each group: fine
     assert kept_heads(model)[0] == [2, 5] and attention_layers(model)[0].attn.num_key_value_groups == 1
@@ -572,3 +572,17 @@ def test_save_refuses_foreign_folder(tmp_path):
     with pytest.raises(ValueError, match="did not write"):
         save_pruned(_ours(), tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_plan_from_order_per_layer_gives_uniform_plans():
+    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(4))
+    order = group_removal_order(scores, group=3)
+    plan = plan_from_order(order, per_layer=1)
+    assert sorted(plan) == [0, 1] and all(len(heads) == 3 for heads in plan.values())
+    for l, heads in plan.items():
+        assert heads[0] // 3 == int(scores[l].argmin())
+    model = remove_heads(_gqa(), plan)
+    assert [layer.n_heads for layer in attention_layers(model)] == [3, 3]
+    assert plan_from_order(removal_order(torch.rand(2, 6), group=3), per_layer=2).keys() == {0, 1}
+    with pytest.raises(ValueError, match="per_layer"):
+        plan_from_order(order, per_layer=-1)

@@ -217,6 +217,8 @@ def test_macs_by_part_and_per_token_agree_with_forward_macs():
     kv = [2, 2, 1]
     assert parts["attention projections"] == T * sum(2 * d * h * 8 + 2 * d * k * 8 for h, k in zip(heads, kv))
     assert parts["attention products"] == sum(2 * h * T * T * 8 for h in heads)
+    step = macs_by_part(model, x[:, :1], context=30)  # one decoding step over 30 cached positions
+    assert sum(step.values()) == macs_per_token(model, 30) and step["MLP"] == parts["MLP"] // T
 
 
 def test_parameter_count_counts_tied_once_and_shrinks():

@@ -617,20 +617,33 @@ def group_removal_order(group_scores: torch.Tensor, group: int, min_groups: int 
     return order
 
 
-def plan_from_order(order: Iterable[tuple]) -> dict[int, list[int]]:
+def plan_from_order(order: Iterable[tuple], per_layer: int | None = None) -> dict[int, list[int]]:
     """[(layer, head) or (layer, (head, ...)), ...] -> {layer: sorted heads}.
+
+    With `per_layer=k`, only the first k items of each layer are taken (the
+    k least important units of every layer: a plan that is uniform across
+    layers, which `save_pruned` can express in a plain config).
 
     >>> plan_from_order([(1, 3), (0, 2), (1, 0)])
     {0: [2], 1: [0, 3]}
     >>> plan_from_order([(0, (1, 4, 7)), (0, (0, 5, 6))])
     {0: [0, 1, 4, 5, 6, 7]}
+    >>> plan_from_order([(1, 3), (0, 2), (1, 0)], per_layer=1)
+    {0: [2], 1: [3]}
     """
+    if per_layer is not None:
+        per_layer = _check_count(per_layer, "per_layer", minimum=0)
     plan: dict[int, list[int]] = {}
+    taken: dict[int, int] = {}
     for item in order:
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise TypeError(f"order: items must be (layer, head) or (layer, heads), got {item!r}")
         l, heads = item
         l = _as_index(l, f"order: layer {l!r}")
+        if per_layer is not None:
+            if taken.get(l, 0) >= per_layer:
+                continue
+            taken[l] = taken.get(l, 0) + 1
         heads = heads if isinstance(heads, (tuple, list)) else [heads]
         plan.setdefault(l, []).extend(_as_index(h, f"order: layer {l} head {h!r}") for h in heads)
     return {l: sorted(plan[l]) for l in sorted(plan)}
@@ -727,11 +740,13 @@ def _check_groups(layer: HeadLayer, l: int, ids: list[int]) -> None:
             after.setdefault(h // layer.original_group, []).append(h)
     counts = {g: len(v) for g, v in after.items()}
     if len(set(counts.values())) > 1:
-        first = min(after)
-        odd = next(g for g in sorted(after) if counts[g] != counts[first])
+        values = list(counts.values())
+        usual = max(set(values), key=lambda c: (values.count(c), c))  # the most common count (ties: the larger)
+        odd = next(g for g in sorted(after) if counts[g] != usual)
+        ref = next(g for g in sorted(after) if counts[g] == usual)
         raise ValueError(
-            f"heads: layer {l}, key/value group {odd} would keep {counts[odd]} query heads {after[odd]}, but group {first} "
-            f"keeps {counts[first]} {after[first]}; grouped-query attention ({layer.original_group} query heads per key/value "
+            f"heads: layer {l}, key/value group {odd} would keep {counts[odd]} query heads {after[odd]}, but group {ref} "
+            f"keeps {counts[ref]} {after[ref]}; grouped-query attention ({layer.original_group} query heads per key/value "
             "head) needs the same number in every group: remove the same number of heads from each group, or whole groups"
         )
 

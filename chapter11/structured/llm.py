@@ -458,14 +458,20 @@ def _part_of(name: str) -> str | None:
 
 
 @torch.no_grad()
-def macs_by_part(model: nn.Module, input_ids: torch.Tensor) -> dict[str, int]:
-    """Multiply-accumulates of one forward pass over `input_ids` (no cache), by part.
+def macs_by_part(model: nn.Module, input_ids: torch.Tensor, context: int | None = None) -> dict[str, int]:
+    """Multiply-accumulates of one forward pass over `input_ids` (B, T), by part.
 
     Linear layers count in * out per token; "attention products" counts QK^T
-    and AV over the full T x T grid (2 * H * T * T * head_dim per layer and
-    sequence), as `heads.forward_macs` does; embedding lookups and norms
-    count 0. The values sum to `heads.forward_macs(model, input_ids)`.
+    and AV with every query attending to `context` positions (default T, the
+    full T x T grid as `heads.forward_macs` counts it: 2 * H * T * T * head_dim
+    per layer and sequence; pass (B, 1) ids and `context=c` for one decoding
+    step over a cache of c positions). Embedding lookups and norms count 0.
+    Without `context` the values sum to `heads.forward_macs(model, input_ids)`.
     """
+    if context is not None:
+        context = _as_index(context, "context")
+        if context < 1:
+            raise ValueError(f"context must be >= 1, got {context}")
     parts = dict.fromkeys(PARTS, 0)
     handles = []
 
@@ -479,7 +485,7 @@ def macs_by_part(model: nn.Module, input_ids: torch.Tensor) -> dict[str, int]:
         def hook(module, args):
             z = args[0]  # (B, T, H * hd)
             B, T, width = z.shape
-            parts["attention products"] += 2 * B * (width // head_dim) * T * T * head_dim
+            parts["attention products"] += 2 * B * (width // head_dim) * T * (context or T) * head_dim
         return hook
 
     try:
@@ -536,17 +542,23 @@ def time_by_part(model: nn.Module, fn: Callable[[], object], repeats: int = 1) -
     seconds = dict.fromkeys(PARTS, 0.0)
     starts: dict[int, float] = {}
     handles = []
+    cuda = next(model.parameters()).is_cuda
+
+    def now() -> float:
+        if cuda:  # kernels run asynchronously: wait for them before reading the clock
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def pre(module, args):
-        starts[id(module)] = time.perf_counter()
+        starts[id(module)] = now()
 
     def post_for(part):
         def post(module, args, output):
-            seconds[part] += time.perf_counter() - starts.pop(id(module))
+            seconds[part] += now() - starts.pop(id(module))
         return post
 
     def attn_post(module, args, kwargs, output):
-        seconds["attention products"] += time.perf_counter() - starts.pop(id(module))
+        seconds["attention products"] += now() - starts.pop(id(module))
 
     try:
         for name, module in model.named_modules():
@@ -557,10 +569,10 @@ def time_by_part(model: nn.Module, fn: Callable[[], object], repeats: int = 1) -
         for layer in attention_layers(model):
             handles.append(layer.attn.register_forward_pre_hook(pre))
             handles.append(layer.attn.register_forward_hook(attn_post, with_kwargs=True))
-        t0 = time.perf_counter()
+        t0 = now()
         for _ in range(repeats):
             fn()
-        total = time.perf_counter() - t0
+        total = now() - t0
     finally:
         for handle in handles:
             handle.remove()
