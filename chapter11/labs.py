@@ -35,8 +35,9 @@ But: the graders run inside the student's kernel, so a student who
 monkeypatches `chapter11.labs` can fool them (nbgrader's usual limit; read
 suspicious submissions). Manually graded cells (project 2's explanation)
 are left to the instructor (`nbgrader formgrader`); the score table lists
-their points as pending. Dense models and dense accuracies are trained once
-per machine and cached under `chapter11.models.cache_dir()`.
+their points as pending. The dense models, their held-out accuracies and
+the MNIST-1D draws are made once per machine and cached under
+`chapter11.models.cache_dir()/labs`.
 """
 
 from __future__ import annotations
@@ -156,11 +157,25 @@ def _cached(name: str, settings: Mapping, make):
     return value
 
 
+def _mnist1d(num_samples: int, seed: int):
+    """`chapter11.data.mnist1d(num_samples, seed)`, its tensors cached on disk (generating them costs ~2 s per kernel)."""
+    from importlib.metadata import version
+
+    from .data import Split, mnist1d
+
+    def make():
+        split = mnist1d(num_samples=num_samples, seed=seed)
+        return {"X_train": split.X_train, "y_train": split.y_train, "X_test": split.X_test, "y_test": split.y_test}
+
+    t = _cached("mnist1d", {"num_samples": num_samples, "seed": seed, "mnist1d": version("mnist1d")}, make)
+    return Split(t["X_train"], t["y_train"], t["X_test"], t["y_test"], 10)
+
+
 @functools.lru_cache(maxsize=1)
 def _split():
-    from .data import mnist1d, with_validation
+    from .data import with_validation
 
-    return with_validation(mnist1d(num_samples=5000, seed=42), fraction=0.2, seed=0)
+    return with_validation(_mnist1d(5000, 42), fraction=0.2, seed=0)
 
 
 _DENSE = {
@@ -230,9 +245,7 @@ def channel_task() -> ClassificationTask:
 
 @functools.lru_cache(maxsize=1)
 def _grading_tensors() -> tuple[torch.Tensor, torch.Tensor]:
-    from .data import mnist1d
-
-    draw = mnist1d(num_samples=GRADE_SAMPLES, seed=GRADE_SEED)
+    draw = _mnist1d(GRADE_SAMPLES, GRADE_SEED)
     return torch.cat([draw.X_train, draw.X_test]), torch.cat([draw.y_train, draw.y_test])  # (N, 40), (N,)
 
 

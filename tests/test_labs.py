@@ -11,6 +11,7 @@ code, the references score full marks, every wrong sample loses points
 references pass with margin.
 """
 
+import ast
 import contextlib
 import csv
 import io
@@ -59,6 +60,9 @@ def test_nbval_and_the_experiment_runner_never_pick_up_a_lab():
 def test_source_notebook_is_a_valid_nbgrader_assignment(lab):
     nb = _source(lab)
     nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            ast.parse(cell.source)  # every cell, hidden tests included, is valid Python
     ids = [_meta(c)["grade_id"] for c in nb.cells if _meta(c)]
     assert len(ids) == len(set(ids)), f"duplicate grade ids in {lab}"
     solutions = [c for c in nb.cells if _meta(c).get("solution") and not _meta(c).get("grade")]
@@ -93,6 +97,8 @@ def test_every_lab_has_a_wrong_sample(lab):
     for path in samples:
         note, answers = labs.sample_answers(path)
         assert note and set(answers) <= ids, path.name
+        for text in answers.values():
+            ast.parse(text)
 
 
 # ---------------------------------------------------------------- function labs, in this process
