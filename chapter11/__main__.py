@@ -36,7 +36,7 @@ from .report import RECORD_ENV, atomic_write_bytes, atomic_write_text, headline_
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 BUILD = ROOT / "build"
-CELL_TIMEOUT = 1200
+CELL_TIMEOUT = 2400  # CH11_FULL=1 cells on a busy 2-core machine come close to 20 minutes
 
 
 def experiments(folder: Path = NOTEBOOKS) -> list[Path]:

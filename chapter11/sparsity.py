@@ -20,7 +20,7 @@ from __future__ import annotations
 import html
 import math
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from torch import nn
@@ -222,15 +222,17 @@ def check_sparsity(value, name: str = "sparsity") -> float:
 def check_amount(amount, n: int, name: str = "amount") -> int:
     """Number of elements to prune out of `n`, following torch.nn.utils.prune.
 
-    An int is a count (0..n); a float is a fraction in [0, 1] rounded to the
-    nearest count.
+    An int (numpy integers included) is a count (0..n); a float is a fraction
+    in [0, 1] rounded to the nearest count.
 
-    >>> check_amount(0.5, 8), check_amount(3, 8)
-    (4, 3)
+    >>> import numpy as np
+    >>> check_amount(0.5, 8), check_amount(3, 8), check_amount(np.int64(2), 8)
+    (4, 3, 2)
     """
     if isinstance(amount, bool) or not isinstance(amount, Real):
         raise TypeError(f"{name} must be an int count or a float fraction, got {type(amount).__name__}")
-    if isinstance(amount, int):
+    if isinstance(amount, Integral):
+        amount = int(amount)
         if not 0 <= amount <= n:
             raise ValueError(f"{name} must be between 0 and {n} when given as a count, got {amount}")
         return amount

@@ -83,3 +83,15 @@ def test_check_amount_follows_torch_prune_conventions():
         check_amount(9, 8)
     with pytest.raises(ValueError, match="amount"):
         check_amount(-0.5, 8)
+
+
+def test_check_amount_reads_numpy_integers_as_counts():
+    import numpy as np
+
+    from chapter11.sparsity import check_amount
+
+    assert check_amount(np.int64(2), 10) == 2 and check_amount(np.int32(0), 10) == 0
+    with pytest.raises(ValueError, match="count"):
+        check_amount(np.int64(11), 10)
+    with pytest.raises(TypeError, match="amount"):
+        check_amount(np.bool_(True), 10)
