@@ -17,7 +17,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # and stall the next library's threads (chapter11/bench.py, QUIET_POOLS).
 export OPENBLAS_THREAD_TIMEOUT ?= 4
 
-.PHONY: install run test unit nbval lab notebooks book bench clean
+.PHONY: install run test unit nbval lab labs notebooks book bench clean
 
 install: $(STAMP)
 
@@ -47,6 +47,10 @@ nbval: $(STAMP)
 ## JupyterLab on notebooks/
 lab: $(STAMP)
 	CH11_PROGRESS=1 $(BIN)/jupyter lab notebooks/
+
+## Labs: nbgrader student release in build/labs/release/, reference + wrong samples autograded, build/labs/scores.csv
+labs: $(STAMP)
+	$(BIN)/python -m chapter11 labs
 
 ## Re-execute every notebook in place so committed outputs are fresh
 notebooks: $(STAMP)

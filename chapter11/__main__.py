@@ -4,6 +4,7 @@
     python -m chapter11 run [--only NAME]    execute notebooks into build/notebooks/, write build/summary.md
     python -m chapter11 refresh [PATH ...]   re-execute committed notebooks in place (make notebooks)
     python -m chapter11 bench NAME [...]     benchmarks: masks, sparse, structured, semi (--help after NAME)
+    python -m chapter11 labs [...]           build and autograde the nbgrader labs (labs --help; chapter11.labs)
 
 `run` never touches the committed notebooks: each one is executed into
 `build/notebooks/`, its headline numbers (`chapter11.report.record`) land in
@@ -235,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # its options belong to each benchmark, so argparse does not see them
         return bench_main(argv[1:])
+    if argv and argv[0] == "labs":  # the same: chapter11.labs parses its own options
+        from .labs import main as labs_main
+
+        return labs_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m chapter11", description="Run the pruning chapter's experiments headless.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list experiments").set_defaults(func=cmd_list)
@@ -245,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     refresh.add_argument("paths", nargs="*", help="notebooks to refresh (default: all experiments)")
     refresh.set_defaults(func=cmd_refresh)
     sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS) + " (python -m chapter11 bench --help)", add_help=False)
+    sub.add_parser("labs", add_help=False,
+                   help="nbgrader labs: student release, reference and wrong samples autograded, build/labs/scores.csv (labs --help)")
     args = parser.parse_args(argv)
     try:
         return args.func(args)

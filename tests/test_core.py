@@ -251,3 +251,8 @@ def test_environment_yml_lists_the_same_packages_as_pyproject():
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     listed = _names(p for p in pip if not p.startswith("-e"))
     assert listed == wanted, (listed ^ wanted)
+
+
+def test_cli_labs_reaches_the_lab_builder():
+    proc = subprocess.run([sys.executable, "-m", "chapter11", "labs", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "--release-only" in proc.stdout, proc.stderr
