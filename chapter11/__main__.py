@@ -45,8 +45,22 @@ def experiments(folder: Path = NOTEBOOKS) -> list[Path]:
     return sorted(folder.glob("[0-9][0-9]_*.ipynb"))
 
 
+def first_sentence(markdown: str) -> str:
+    """The first sentence of the first prose paragraph (headings, formulas, images and tables skipped).
+
+    >>> first_sentence("# Title\n\nMovement asks how a weight\nmoves (Sanh et al., 2020). More here.")
+    'Movement asks how a weight moves (Sanh et al., 2020).'
+    """
+    for paragraph in re.split(r"\n\s*\n", markdown):
+        lines = [line.strip() for line in paragraph.splitlines() if line.strip()]
+        if lines and not lines[0].startswith(("#", "$", "!", "|", "```", "-", "*")):
+            text = " ".join(lines)
+            return re.split(r"(?<=[.!?])\s+(?=[A-Z(*`])", text)[0]
+    return ""
+
+
 def describe(path: Path) -> tuple[str, str]:
-    """(title, one-line description) from the notebook's first markdown cell."""
+    """(title, one-sentence description) from the notebook's first markdown cell."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
@@ -54,9 +68,7 @@ def describe(path: Path) -> tuple[str, str]:
         if cell.cell_type == "markdown":
             lines = [line.strip() for line in cell.source.splitlines() if line.strip()]
             title = lines[0].lstrip("# ").strip() if lines else path.stem
-            rest = next((line for line in lines[1:] if not line.startswith(("#", "$", "!", "|"))), "")
-            sentence = rest.split(". ")[0].rstrip(".") + "." if rest else ""
-            return title, sentence
+            return title, first_sentence(cell.source)
     return path.stem, ""
 
 

@@ -256,3 +256,11 @@ def test_environment_yml_lists_the_same_packages_as_pyproject():
 def test_cli_labs_reaches_the_lab_builder():
     proc = subprocess.run([sys.executable, "-m", "chapter11", "labs", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "--release-only" in proc.stdout, proc.stderr
+
+
+def test_first_sentence_joins_wrapped_lines_and_skips_headings():
+    from chapter11.__main__ import first_sentence
+
+    text = "# Title\n\n$$s = 1$$\n\nMovement asks how a weight\nmoves (Sanh et al., 2020). More here."
+    assert first_sentence(text) == "Movement asks how a weight moves (Sanh et al., 2020)."
+    assert first_sentence("# Only a title") == ""
