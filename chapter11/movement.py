@@ -100,6 +100,9 @@ __all__ = [
     "FULL_RUN_NAME",
     "grid_log_path",
     "full_run",
+    "first_cut",
+    "FIRST_CUT_NAME",
+    "first_cut_run",
     "SOURCE_PARTS",
     "stdlib_source_files",
     "stdlib_source",
@@ -1294,6 +1297,101 @@ def full_run(settings: GridSettings = GridSettings(), command: str = "python -m 
 
 
 # ---------------------------------------------------------------------------
+# Why movement breaks the network where pruning starts: the first cut, scored four ways
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _val_loss_accuracy(model: nn.Module, dataset) -> tuple[float, float]:
+    model.eval()
+    device = next(model.parameters()).device
+    ids, attn, y = (t.to(device) for t in dataset.tensors)
+    logits = _classifier_logits(model, ids, attn)  # (N, classes)
+    return F.cross_entropy(logits, y).item(), float((logits.argmax(-1) == y).float().mean())
+
+
+def first_cut(task: DocstringTask, settings: GridSettings, seed: int = 0, warmup_steps: int | None = None,
+              sparsities: Sequence[float] = (0.01, 0.03, 0.1)) -> dict:
+    """Validation loss and accuracy after the first cut, with the weights chosen four ways.
+
+    Fine-tunes a hard-movement model for the schedule's warm-up (nothing
+    pruned yet; scores learn as in `fine_prune`) while also summing Sanh et
+    al.'s eq. 4 exactly, S = -sum_t G * W. Then, with no further training,
+    prunes each layer to each sparsity by: the learned scores ("movement"),
+    the exact sums ("movement_eq4"), |W| ("magnitude") and a random order
+    ("random"). Returns {"dense": (loss, acc), "movement": {s: (loss, acc)}, ...}.
+    """
+    config = settings.config(seed)
+    steps = int(config.warmup_frac * config.steps) if warmup_steps is None else warmup_steps
+    model = minilm_classifier(len(task.class_names), layers=settings.layers, seed=seed)
+    wrap_linears(model, "hard")
+    layers = masked_layers(model)
+    scores = [layer.scores for layer in layers.values()]
+    score_ids = {id(s) for s in scores}
+    head, body = [], []
+    for name, p in model.named_parameters():
+        if id(p) not in score_ids and p.requires_grad:
+            (head if name.startswith(("classifier", "bert.pooler")) else body).append(p)
+    optimizer = _optimizer(model, [{"params": body, "lr": config.lr}, {"params": head, "lr": config.head_lr},
+                                   {"params": scores, "lr": config.score_lr}])
+    loader = torch.utils.data.DataLoader(task.train, batch_size=config.batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed), drop_last=True)
+    eq4 = {name: torch.zeros_like(layer.weight) for name, layer in layers.items()}
+    set_sparsity(model, 0.0)
+    step = 0
+    while step < steps:
+        for ids, attn, y in loader:
+            model.train()
+            loss = F.cross_entropy(_classifier_logits(model, ids, attn), y)
+            optimizer.zero_grad()
+            loss.backward()
+            for name, layer in layers.items():
+                eq4[name] -= layer.weight.grad * layer.weight.detach()  # S = -sum_t G * W
+            optimizer.step()
+            step += 1
+            if step >= steps:
+                break
+    learned = {name: layer.scores.detach().clone() for name, layer in layers.items()}
+    g = torch.Generator().manual_seed(seed)
+    orders = {"movement": learned, "movement_eq4": eq4,
+              "magnitude": {name: layer.weight.detach().abs() for name, layer in layers.items()},
+              "random": {name: torch.rand(layer.weight.shape, generator=g) for name, layer in layers.items()}}
+    out = {"steps": steps, "dense": _val_loss_accuracy(model, task.val)}
+    for kind, ranking in orders.items():
+        out[kind] = {}
+        for name, layer in layers.items():
+            layer.scores.data.copy_(ranking[name])
+        for s in sparsities:
+            set_sparsity(model, s)
+            out[kind][s] = _val_loss_accuracy(model, task.val)
+    return out
+
+
+FIRST_CUT_NAME = "03_first_cut"
+
+
+def first_cut_run(settings: GridSettings = GridSettings(), command: str = "python -m chapter11.movement first-cut",
+                  sparsities: Sequence[float] = (0.01, 0.03, 0.1)) -> dict:
+    """`first_cut` for every seed of `settings`, recorded in benchmarks/full/03_first_cut.json."""
+    import time
+
+    from .models import load_minilm
+    from .report import load_full_run, save_full_run
+
+    start = time.perf_counter()
+    _, tokenizer = load_minilm()
+    task = docstring_task(tokenizer, max_length=settings.max_length, max_per_class=settings.max_per_class,
+                          test_per_class=settings.test_per_class, val_per_class=settings.val_per_class)
+    results = {}
+    for seed in settings.seeds:
+        r = first_cut(task, settings, seed, sparsities=sparsities)
+        results[str(seed)] = {k: ({str(s): list(v) for s, v in r[k].items()} if isinstance(r[k], dict) else r[k]) for k in r}
+    save_full_run(FIRST_CUT_NAME, results, {**settings.as_dict(), "first_cut_sparsities": list(sparsities)}, command,
+                  time.perf_counter() - start)
+    return load_full_run(FIRST_CUT_NAME)
+
+
+# ---------------------------------------------------------------------------
 # Movement pruning during domain adaptation of an LLM: frozen lower blocks, cached
 # ---------------------------------------------------------------------------
 
@@ -1702,10 +1800,12 @@ if __name__ == "__main__":  # python -m chapter11.movement [lm | worker I/N]: th
     args = sys.argv[1:]
     if args == ["lm"]:
         lm_full_run()
+    elif args == ["first-cut"]:
+        first_cut_run()
     elif len(args) == 2 and args[0] == "worker":  # worker I/N: one of N processes sharing the grid's log
         i, n = (int(v) for v in args[1].split("/"))
         run_grid(worker=i, workers=n, log_path=grid_log_path())
     elif args:
-        raise SystemExit("usage: python -m chapter11.movement [lm | worker I/N]")
+        raise SystemExit("usage: python -m chapter11.movement [lm | first-cut | worker I/N]")
     else:
         full_run()
