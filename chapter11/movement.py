@@ -1319,7 +1319,8 @@ def first_cut(task: DocstringTask, settings: GridSettings, seed: int = 0, warmup
     al.'s eq. 4 exactly, S = -sum_t G * W. Then, with no further training,
     prunes each layer to each sparsity by: the learned scores ("movement"),
     the exact sums ("movement_eq4"), |W| ("magnitude") and a random order
-    ("random"). Returns {"dense": (loss, acc), "movement": {s: (loss, acc)}, ...}.
+    ("random"). Returns {"dense": (loss, acc), "movement": {s: (loss, acc)}, ...,
+    "removed_abs_w": {kind: {s: mean |W| of the removed weights / mean |W| of all}}}.
     """
     config = settings.config(seed)
     steps = int(config.warmup_frac * config.steps) if warmup_steps is None else warmup_steps
@@ -1356,14 +1357,19 @@ def first_cut(task: DocstringTask, settings: GridSettings, seed: int = 0, warmup
     orders = {"movement": learned, "movement_eq4": eq4,
               "magnitude": {name: layer.weight.detach().abs() for name, layer in layers.items()},
               "random": {name: torch.rand(layer.weight.shape, generator=g) for name, layer in layers.items()}}
-    out = {"steps": steps, "dense": _val_loss_accuracy(model, task.val)}
+    out = {"steps": steps, "dense": _val_loss_accuracy(model, task.val), "removed_abs_w": {}}
+    mean_abs = (sum(float(layer.weight.detach().abs().sum()) for layer in layers.values())
+                / sum(layer.weight.numel() for layer in layers.values()))
     for kind, ranking in orders.items():
-        out[kind] = {}
+        out[kind], out["removed_abs_w"][kind] = {}, {}
         for name, layer in layers.items():
             layer.scores.data.copy_(ranking[name])
         for s in sparsities:
             set_sparsity(model, s)
             out[kind][s] = _val_loss_accuracy(model, task.val)
+            removed = [(layer.weight.detach().abs() * (1 - layer.mask())).sum() for layer in layers.values()]
+            count = sum(int((layer.mask() == 0).sum()) for layer in layers.values())
+            out["removed_abs_w"][kind][s] = float(sum(removed)) / max(count, 1) / mean_abs  # mean |W| removed / mean |W|
     return out
 
 
@@ -1385,7 +1391,9 @@ def first_cut_run(settings: GridSettings = GridSettings(), command: str = "pytho
     results = {}
     for seed in settings.seeds:
         r = first_cut(task, settings, seed, sparsities=sparsities)
+        removed = r.pop("removed_abs_w")
         results[str(seed)] = {k: ({str(s): list(v) for s, v in r[k].items()} if isinstance(r[k], dict) else r[k]) for k in r}
+        results[str(seed)]["removed_abs_w"] = {k: {str(s): v for s, v in by.items()} for k, by in removed.items()}
     save_full_run(FIRST_CUT_NAME, results, {**settings.as_dict(), "first_cut_sparsities": list(sparsities)}, command,
                   time.perf_counter() - start)
     return load_full_run(FIRST_CUT_NAME)
