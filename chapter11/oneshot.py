@@ -38,7 +38,8 @@ prunes every Linear inside the decoder blocks of a LLaMA-like model
 each block calibrated on the outputs of the already-pruned blocks before it,
 and keeps the result as `<param>_mask` buffers (`chapter11.masks`). For
 experiments: `prune_and_evaluate` (prune a copy, measure perplexity),
-`prune_grid` (methods x patterns x calibration seeds), `layer_means` and
+`prune_grid` (methods x patterns x calibration seeds), `calibration_ablation`
+(perplexity by amount of calibration text), `layer_means` and
 `statistics_bytes` (what each method must hold in memory).
 
 But: no quantisation (SparseGPT's joint sparse + quantised variant), no
@@ -79,6 +80,9 @@ __all__ = [
     "prune_llm",
     "prune_and_evaluate",
     "prune_grid",
+    "calibration_ablation",
+    "ABLATION_RUN_NAME",
+    "ablation_run",
     "layer_means",
 ]
 
@@ -788,6 +792,57 @@ def prune_grid(model: nn.Module, calibration_tokens: torch.Tensor, tokens: torch
     return runs
 
 
+def calibration_ablation(model: nn.Module, calibration_tokens: torch.Tensor, tokens: torch.Tensor,
+                         sizes: Sequence[int], seeds: Sequence[int] = (0,), method: str = "wanda",
+                         sparsity: float = 0.5, seq_len: int = 128, **kwargs) -> dict[int, list[float]]:
+    """Held-out perplexity after pruning from `size` calibration sequences: {size: [perplexity per seed]}.
+
+    Seed `s` draws `calibration_sequences(calibration_tokens, size, seq_len, seed=s)`,
+    the same sample `prune_grid` draws for that size and seed, so the two can be
+    put side by side. Extra keywords go to `prune_llm`.
+    """
+    if method not in METHODS or method == "magnitude":
+        raise ValueError(f"method must use calibration data (wanda or sparsegpt), got {method!r}")
+    if not sizes or not seeds:
+        raise ValueError(f"sizes and seeds must be non-empty, got sizes={list(sizes)}, seeds={list(seeds)}")
+    out = {}
+    for size in sizes:
+        out[size] = []
+        for seed in seeds:
+            sample = calibration_sequences(calibration_tokens, size, seq_len, seed=seed)  # (size, seq_len)
+            ppl, _ = prune_and_evaluate(model, sample, tokens, method, sparsity=sparsity, seq_len=seq_len, **kwargs)
+            out[size].append(ppl)
+    return out
+
+
+ABLATION_RUN_NAME = "09_calibration_ablation"
+ABLATION_SETTINGS = {"method": "wanda", "sparsity": 0.5, "seq_len": 128, "eval_tokens": 1024,
+                     "sizes": [32, 64], "seeds": [0, 1, 2]}
+
+
+def ablation_run(command: str = "python -m chapter11.oneshot ablation") -> dict:
+    """The recorded run behind notebook 09's largest calibration sizes (32 and 64 sequences, three seeds).
+
+    Too slow for the notebook's budget, so it is run once and saved with
+    `save_full_run` as `benchmarks/full/09_calibration_ablation.json`; the
+    notebook loads it beside the sizes it runs itself.
+    """
+    from .data import pydoc_topics, text_tokens
+    from .models import load_smollm
+    from .report import load_full_run, save_full_run
+
+    s = ABLATION_SETTINGS
+    start = time.perf_counter()
+    model, tokenizer = load_smollm()
+    cal_tokens = text_tokens(tokenizer, pydoc_topics("calibration"))
+    eval_tokens = text_tokens(tokenizer, pydoc_topics("evaluation"), max_tokens=s["eval_tokens"] + 1)
+    ppl = calibration_ablation(model, cal_tokens, eval_tokens, s["sizes"], s["seeds"], method=s["method"],
+                               sparsity=s["sparsity"], seq_len=s["seq_len"], progress_bar=False)
+    save_full_run(ABLATION_RUN_NAME, {"perplexity": {str(k): v for k, v in ppl.items()}}, s, command,
+                  time.perf_counter() - start)
+    return load_full_run(ABLATION_RUN_NAME)
+
+
 def layer_means(values: dict[str, float], by: str = "projection") -> dict:
     """Average per-layer numbers (e.g. `PruneResult.output_error`) by projection name or by block index.
 
@@ -824,3 +879,12 @@ def _relative_error(W: torch.Tensor, W_new: torch.Tensor, G: torch.Tensor) -> fl
     W = W.to(G.dtype)
     D = W - W_new.to(G.dtype)  # (d_out, d_in)
     return float(((D @ G) * D).sum() / ((W @ G) * W).sum())
+
+
+if __name__ == "__main__":  # python -m chapter11.oneshot ablation: the recorded large-calibration runs of notebook 09
+    import sys
+
+    torch.set_num_threads(2)
+    if sys.argv[1:] != ["ablation"]:
+        raise SystemExit("usage: python -m chapter11.oneshot ablation")
+    ablation_run()

@@ -9,7 +9,7 @@ import torch
 from chapter11.masks import MaskedOptimizer, load_masked, masks_of, save_masked
 from chapter11.models import tiny_llama
 from chapter11.nm import is_nm
-from chapter11.oneshot import (
+from chapter11.oneshot import (calibration_ablation, 
     METHODS,
     calibration_sequences,
     decoder_layers,
@@ -391,3 +391,19 @@ def test_smollm_wanda_2_4_on_three_blocks_keeps_the_rest_dense():
     assert torch.equal(model.model.embed_tokens.weight, embed)
     ppl = perplexity(model, ev, block_size=64, batch_size=4)
     assert dense_ppl < ppl < 3 * dense_ppl, (dense_ppl, ppl)
+
+
+def test_calibration_ablation_matches_prune_grid_for_the_same_size_and_seed():
+    model = tiny_llama(num_layers=1)
+    tokens = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(3))
+    ablation = calibration_ablation(model, tokens, tokens[:129], sizes=(1, 2), seeds=(0, 1), seq_len=32, progress_bar=False)
+    assert sorted(ablation) == [1, 2] and all(len(v) == 2 for v in ablation.values())
+    grid = prune_grid(model, tokens, tokens[:129], {"50%": dict(sparsity=0.5)}, seeds=(1,), methods=("wanda",),
+                      num_sequences=2, seq_len=32, progress_bar=False)
+    assert ablation[2][1] == pytest.approx(grid["wanda", "50%", 1][0], rel=1e-6)  # same sample, same model
+    assert ablation[1][0] != ablation[2][0]
+    assert not masks_of(model)
+    with pytest.raises(ValueError, match="method"):
+        calibration_ablation(model, tokens, tokens[:129], sizes=(1,), method="magnitude")
+    with pytest.raises(ValueError, match="sizes"):
+        calibration_ablation(model, tokens, tokens[:129], sizes=())
