@@ -1,0 +1,109 @@
+"""The recorded full run behind notebook 09's error bars (benchmarks/full/09_llm_one_shot_pruning.json).
+
+Checks that the file is there with its provenance, that its settings are the ones the notebook states in
+its setup cell, that it holds three or more calibration seeds, and that the live single-seed numbers in the
+committed notebook lie inside the recorded spread (with a tolerance for other CPUs' float kernels).
+"""
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from chapter11.report import load_full_run
+from chapter11.stats import summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "notebooks" / "09_llm_one_shot_pruning.ipynb"
+NAME = "09_llm_one_shot_pruning"
+TOLERANCE = 0.05  # relative slack beyond the recorded min..max
+
+
+def _cells():
+    return [c for c in json.loads(NOTEBOOK.read_text())["cells"] if c["cell_type"] == "code"]
+
+
+def _text(cell) -> str:
+    return "".join("".join(o.get("text", "")) for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+
+
+def notebook_settings() -> dict:
+    """SEQ_LEN, CAL_SEQS and EVAL_TOKENS as the notebook's setup cell defines them."""
+    setup = "".join(_cells()[0]["source"])
+    found = {}
+    for name in ("SEQ_LEN", "CAL_SEQS", "EVAL_TOKENS"):
+        match = re.search(rf"^{name}\s*=\s*([^#\n]+)", setup, re.MULTILINE)
+        assert match, f"{name} is not set in the setup cell"
+        found[name] = eval(match.group(1), {"__builtins__": {}}, dict(found))  # plain arithmetic on earlier names
+    return found
+
+
+def live_results() -> dict:
+    """The single-seed perplexities the committed notebook printed (the LIVE_RESULTS line of the grid cell)."""
+    for cell in _cells():
+        for line in _text(cell).splitlines():
+            if line.startswith("LIVE_RESULTS "):
+                return json.loads(line.split(" ", 1)[1])
+    raise AssertionError("the committed notebook printed no LIVE_RESULTS line")
+
+
+def live_ablation() -> dict:
+    for cell in _cells():
+        for line in _text(cell).splitlines():
+            if line.startswith("Wanda 50%, perplexity by calibration sequences"):
+                return {int(k): v for k, v in ast.literal_eval(line.split(": ", 1)[1]).items()}
+    raise AssertionError("the committed notebook printed no calibration ablation")
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    return load_full_run(NAME)
+
+
+def test_recorded_run_has_provenance(recorded):
+    assert recorded["name"] == NAME and "CH11_FULL=1" in recorded["command"]
+    assert re.match(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC", recorded["date"])
+    assert recorded["machine"] and recorded["commit"] and recorded["seconds"] > 0
+
+
+def test_recorded_settings_match_the_notebook(recorded):
+    s, nb = recorded["settings"], notebook_settings()
+    assert (s["seq_len"], s["calibration_sequences"], s["eval_tokens"]) == (nb["SEQ_LEN"], nb["CAL_SEQS"], nb["EVAL_TOKENS"])
+    assert len(s["seeds"]) >= 3 and s["seeds"][0] == 0
+    assert {"30%", "50%", "70%", "2:4"} <= set(s["patterns"])
+    ppl = recorded["results"]["perplexity"]
+    for pattern in s["patterns"]:
+        assert len(ppl[f"magnitude {pattern}"]) == 1  # needs no calibration data: one run
+        if pattern in ("30%", "50%", "70%", "2:4"):
+            assert all(len(ppl[f"{m} {pattern}"]) == len(s["seeds"]) for m in ("wanda", "sparsegpt"))
+    ablation = recorded["results"]["calibration_ablation"]
+    assert 1 in s["calibration_sizes"] and nb["CAL_SEQS"] in s["calibration_sizes"] and max(s["calibration_sizes"]) >= 16
+    assert all(len(ablation[str(size)]) == len(s["seeds"]) for size in s["calibration_sizes"])
+
+
+def _inside(value, values, slack=TOLERANCE):
+    return min(values) * (1 - slack) <= value <= max(values) * (1 + slack)
+
+
+def test_live_single_seed_results_lie_inside_the_recorded_spread(recorded):
+    live, ppl = live_results(), recorded["results"]["perplexity"]
+    assert abs(live.pop("dense") - recorded["results"]["dense"]) / recorded["results"]["dense"] < 0.02
+    assert len(live) >= 6
+    for key, value in live.items():
+        assert _inside(value, ppl[key]), (key, value, ppl[key])
+    ablation = recorded["results"]["calibration_ablation"]
+    for size, value in live_ablation().items():
+        if str(size) in ablation:
+            assert _inside(value, ablation[str(size)]), (size, value, ablation[str(size)])
+
+
+def test_recorded_orderings_hold_on_average(recorded):
+    ppl = recorded["results"]["perplexity"]
+    dense = recorded["results"]["dense"]
+    for pattern in ("50%", "70%", "2:4"):
+        magnitude = ppl[f"magnitude {pattern}"][0]
+        for method in ("wanda", "sparsegpt"):
+            mean = summarize(ppl[f"{method} {pattern}"]).mean
+            assert dense < mean < magnitude / 2, (method, pattern, mean, magnitude)
