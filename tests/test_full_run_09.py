@@ -107,3 +107,17 @@ def test_recorded_orderings_hold_on_average(recorded):
         for method in ("wanda", "sparsegpt"):
             mean = summarize(ppl[f"{method} {pattern}"]).mean
             assert dense < mean < magnitude / 2, (method, pattern, mean, magnitude)
+
+
+def test_large_calibration_record_matches_the_full_run(recorded):
+    """benchmarks/full/09_calibration_ablation.json: 32 and 64 sequences, the same method, seeds and evaluation."""
+    from chapter11.oneshot import ABLATION_RUN_NAME, ABLATION_SETTINGS
+
+    large = load_full_run(ABLATION_RUN_NAME)
+    s, full = large["settings"], recorded["settings"]
+    assert s == ABLATION_SETTINGS and large["command"] == "python -m chapter11.oneshot ablation"
+    assert f"{s['method']} {s['sparsity']:.0%}" == full["ablation_method"]
+    assert (s["seq_len"], s["eval_tokens"], s["seeds"]) == (full["seq_len"], full["eval_tokens"], full["seeds"])
+    assert min(s["sizes"]) > max(full["calibration_sizes"]) and max(s["sizes"]) == 64
+    assert all(len(large["results"]["perplexity"][str(size)]) == len(s["seeds"]) for size in s["sizes"])
+    assert "ABLATION_RUN_NAME" in NOTEBOOK.read_text()
