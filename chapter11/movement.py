@@ -1296,6 +1296,37 @@ def full_run(settings: GridSettings = GridSettings(), command: str = "python -m 
 
 
 
+MORE_SEEDS_NAME = "03_more_seeds_97"
+
+
+def more_seeds_settings() -> GridSettings:
+    """The grid's settings for three more seeds (3, 4, 5), at 97% only, magnitude and soft movement.
+
+    Soft movement's lambda is fixed at 1, the value the grid chose on
+    validation (its only candidate here, so the "search" is the seed-3 run).
+    """
+    return GridSettings(seeds=(3, 4, 5), sparsities=(0.97,), methods=("magnitude", "soft"), penalties=(1.0,),
+                        dense_long_steps=0)
+
+
+def more_seeds_run(worker: int = 0, workers: int = 1,
+                   command: str = "python -m chapter11.movement more-seeds") -> dict | None:
+    """Run `more_seeds_settings()` (resumable log under build/); the last call (workers=1) records
+    benchmarks/full/03_more_seeds_97.json. Does soft movement's lead at 97% survive three more seeds?"""
+    import time
+
+    from .report import load_full_run, save_full_run
+
+    settings = more_seeds_settings()
+    start = time.perf_counter()
+    results = run_grid(settings, log_path=grid_log_path(settings), worker=worker, workers=workers)
+    if workers > 1:
+        return None
+    results["cpu_s_all_runs"] = round(sum(r["cpu_s"] for r in [*results["penalty_search"], *results["runs"]]), 1)
+    save_full_run(MORE_SEEDS_NAME, results, settings.as_dict(), command, time.perf_counter() - start)
+    return load_full_run(MORE_SEEDS_NAME)
+
+
 # ---------------------------------------------------------------------------
 # Why movement breaks the network where pruning starts: the first cut, scored four ways
 # ---------------------------------------------------------------------------
@@ -1810,10 +1841,16 @@ if __name__ == "__main__":  # python -m chapter11.movement [lm | worker I/N]: th
         lm_full_run()
     elif args == ["first-cut"]:
         first_cut_run()
+    elif args[:1] == ["more-seeds"]:  # more-seeds [worker I/N]
+        if len(args) == 3 and args[1] == "worker":
+            i, n = (int(v) for v in args[2].split("/"))
+            more_seeds_run(worker=i, workers=n)
+        else:
+            more_seeds_run()
     elif len(args) == 2 and args[0] == "worker":  # worker I/N: one of N processes sharing the grid's log
         i, n = (int(v) for v in args[1].split("/"))
         run_grid(worker=i, workers=n, log_path=grid_log_path())
     elif args:
-        raise SystemExit("usage: python -m chapter11.movement [lm | first-cut | worker I/N]")
+        raise SystemExit("usage: python -m chapter11.movement [lm | first-cut | more-seeds [worker I/N] | worker I/N]")
     else:
         full_run()
