@@ -576,3 +576,10 @@ def test_kth_smallest_matches_kthvalue_on_large_tensors(q):
     flat = torch.cat([torch.randn(1_500_000, generator=g), torch.full((1000,), -math.inf), torch.zeros(5000)])
     k = max(1, round(q * flat.numel()))
     assert mv._kth_smallest(flat, k) == float(torch.kthvalue(flat, k).values)
+
+
+def test_more_seeds_settings_differ_from_the_grid_only_where_stated():
+    grid, more = mv.GridSettings().as_dict(), mv.more_seeds_settings().as_dict()
+    assert {k for k in grid if grid[k] != more[k]} == {"seeds", "sparsities", "methods", "penalties", "dense_long_steps"}
+    assert set(more["seeds"]).isdisjoint(grid["seeds"]) and more["sparsities"] == [0.97]
+    assert mv.grid_log_path(mv.more_seeds_settings()) != mv.grid_log_path(mv.GridSettings())  # separate logs
