@@ -35,7 +35,7 @@ run: $(STAMP)
 
 ## The whole test suite: unit tests, doctests, and nbval over notebooks/ under two instruction sets
 test: $(STAMP)
-	$(BIN)/python -m pytest -p no:cacheprovider tests chapter11
+	$(BIN)/python -m pytest -p no:cacheprovider --durations=25 tests chapter11
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider -m "not notebooks" tests chapter11
