@@ -38,6 +38,16 @@ def _notebook_text() -> str:
     return "\n".join(out)
 
 
+def _assert_every_run_is_there(runs, settings):
+    """A dense run for every seed, and every method x sparsity x seed of `settings` (GridSettings or LMSettings)."""
+    seen = {(r["method"], r["target"], r["seed"]) for r in runs}
+    for seed in settings.seeds:
+        assert ("dense", 0.0, seed) in seen, seed
+        for method in settings.methods:
+            for sparsity in settings.sparsities:
+                assert (method, sparsity, seed) in seen, (method, sparsity, seed)
+
+
 def test_grid_record_matches_the_notebook_settings(grid):
     assert grid["settings"] == mv.GridSettings().as_dict()
     assert grid["command"] and grid["commit"] and grid["machine"]
@@ -48,12 +58,7 @@ def test_grid_record_matches_the_notebook_settings(grid):
 def test_grid_record_is_complete_and_every_target_is_reached(grid):
     s = mv.GridSettings()
     runs = grid["results"]["runs"]
-    seen = {(r["method"], r["target"], r["seed"]) for r in runs}
-    for seed in s.seeds:
-        assert ("dense", 0.0, seed) in seen
-        for method in s.methods:
-            for sparsity in s.sparsities:
-                assert (method, sparsity, seed) in seen, (method, sparsity, seed)
+    _assert_every_run_is_there(runs, s)
     for r in runs:
         assert r["steps"] == s.steps
         if r["method"] != "dense":
@@ -78,12 +83,7 @@ def test_lm_record_matches_settings_and_is_complete(lm):
     s = mv.LMSettings()
     assert lm["settings"] == s.as_dict()
     runs = lm["results"]["runs"]
-    seen = {(r["method"], r["target"], r["seed"]) for r in runs}
-    for seed in s.seeds:
-        assert ("dense", 0.0, seed) in seen
-        for method in s.methods:
-            for sparsity in s.sparsities:
-                assert (method, sparsity, seed) in seen
+    _assert_every_run_is_there(runs, s)
     for r in runs:
         assert r["lr"] == lm["results"]["lr"]
         if r["method"] != "dense":

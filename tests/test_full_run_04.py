@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from chapter11.report import load_full_run
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "04_attention_head_pruning.ipynb"
-RECORD = ROOT / "benchmarks" / "full" / "04_llm_structured.json"
 COMMITTED_CONFIGS = ["heads: 1 of 3 groups per block", "MLP: 171 neurons per block", "blocks: 2 of 30",
                      "blocks + MLP: 5 blocks, 341 neurons"]
 
@@ -36,8 +37,7 @@ def _full_settings() -> dict:
 
 @pytest.fixture(scope="module")
 def record():
-    assert RECORD.is_file(), f"{RECORD} is missing: run notebook 04 once with CH11_FULL=1"
-    return json.loads(RECORD.read_text())
+    return load_full_run("04_llm_structured")
 
 
 def test_record_has_provenance_and_the_notebooks_settings(record):

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from chapter11.report import load_full_run
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "06_dynamic_sparsity_rigl.ipynb"
-RECORD = ROOT / "benchmarks" / "full" / "06_dynamic_sparsity.json"
 
 
 def _notebook_constants() -> dict:
@@ -39,8 +40,7 @@ def _notebook_constants() -> dict:
 
 @pytest.fixture(scope="module")
 def record():
-    assert RECORD.is_file(), f"{RECORD} is missing: run notebook 06 once with CH11_FULL=1"
-    return json.loads(RECORD.read_text())
+    return load_full_run("06_dynamic_sparsity")
 
 
 def test_record_has_provenance_and_the_notebooks_settings(record):
