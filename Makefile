@@ -17,7 +17,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # and stall the next library's threads (chapter11/bench.py, QUIET_POOLS).
 export OPENBLAS_THREAD_TIMEOUT ?= 4
 
-.PHONY: install run test unit nbval lab labs notebooks book bench clean
+.PHONY: install run test unit nbval robustness lab labs notebooks book bench clean
 
 install: $(STAMP)
 
@@ -33,16 +33,20 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	$(BIN)/python -m chapter11 run
 
-## The whole test suite: unit tests, doctests, and nbval over notebooks/ under two instruction sets
+## The whole test suite: unit tests, doctests, and nbval over notebooks/ twice (strict; then a seed-shifted, AVX2, assertions-only re-draw)
 test: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider --durations=25 tests chapter11
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider -m "not notebooks" tests chapter11
 
-## nbval only: every notebook with this CPU's default kernels and with AVX2 kernels (tests/test_notebooks.py)
+## nbval only: every notebook strict (default kernels, CH11_SEED_OFFSET=0), then --nbval-lax with AVX2 kernels and CH11_SEED_OFFSET=1000 (tests/test_notebooks.py)
 nbval: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider tests/test_notebooks.py
+
+## Every notebook's assertions under three re-draws (seed offsets 1000/2000, AVX2): writes benchmarks/robustness.json (~45 min)
+robustness: $(STAMP)
+	$(BIN)/python scripts/robustness.py
 
 ## JupyterLab on notebooks/
 lab: $(STAMP)

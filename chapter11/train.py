@@ -38,6 +38,10 @@ __all__ = [
     "default_device",
     "model_device",
     "seed_everything",
+    "SEED_OFFSET_ENV",
+    "seed_offset",
+    "offset_seeds",
+    "seeds_line",
     "progress",
     "History",
     "train",
@@ -92,6 +96,58 @@ def seed_everything(seed: int = 0) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+SEED_OFFSET_ENV = "CH11_SEED_OFFSET"
+
+
+def seed_offset() -> int:
+    """The integer in `CH11_SEED_OFFSET` (0 when unset): a new draw of every seed a notebook controls.
+
+    A notebook's conclusions must survive a re-draw (another CPU, another
+    seed), so every notebook and recorded-run driver adds this offset to its
+    seeds: model initialisation, batch order, masks, random controls and
+    calibration samples. The fixed datasets stay as they are.
+
+    >>> import os; os.environ.pop("CH11_SEED_OFFSET", None) and None
+    >>> seed_offset()
+    0
+    """
+    raw = os.environ.get(SEED_OFFSET_ENV, "").strip()
+    if raw == "":
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{SEED_OFFSET_ENV} must be a non-negative integer, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{SEED_OFFSET_ENV} must be a non-negative integer, got {value}")
+    return value
+
+
+def offset_seeds(seeds: Iterable[int], offset: int | None = None) -> list[int]:
+    """`seeds` shifted by `offset` (default: `seed_offset()`).
+
+    >>> offset_seeds([0, 1, 2], offset=1000)
+    [1000, 1001, 1002]
+    """
+    offset = seed_offset() if offset is None else offset
+    out = []
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+            raise TypeError(f"seeds must be integers, got {s!r}")
+        out.append(int(s) + int(offset))
+    return out
+
+
+def seeds_line(seeds: Iterable[int], offset: int | None = None) -> str:
+    """The line a notebook prints about its seeds (the output is not compared by nbval).
+
+    >>> seeds_line([7919, 7920], offset=7919)
+    'seeds [7919, 7920] (CH11_SEED_OFFSET=7919)'
+    """
+    offset = seed_offset() if offset is None else offset
+    return f"seeds {list(seeds)} ({SEED_OFFSET_ENV}={offset})"
 
 
 def progress(iterable: Iterable | None = None, total: int | None = None, desc: str | None = None, enabled: bool | None = None, **kwargs):

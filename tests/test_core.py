@@ -264,3 +264,32 @@ def test_first_sentence_joins_wrapped_lines_and_skips_headings():
     text = "# Title\n\n$$s = 1$$\n\nMovement asks how a weight\nmoves (Sanh et al., 2020). More here."
     assert first_sentence(text) == "Movement asks how a weight moves (Sanh et al., 2020)."
     assert first_sentence("# Only a title") == ""
+
+
+def test_seed_offset_shifts_every_seed_and_refuses_bad_values(monkeypatch):
+    from chapter11.train import offset_seeds, seed_offset, seeds_line
+
+    monkeypatch.delenv("CH11_SEED_OFFSET", raising=False)
+    assert seed_offset() == 0 and offset_seeds([0, 1, 2]) == [0, 1, 2]
+    monkeypatch.setenv("CH11_SEED_OFFSET", "1000")
+    assert seed_offset() == 1000 and offset_seeds([0, 1, 2]) == [1000, 1001, 1002]
+    assert seeds_line(offset_seeds([0, 1])) == "seeds [1000, 1001] (CH11_SEED_OFFSET=1000)"
+    for bad in ("-1", "1.5", "abc"):
+        monkeypatch.setenv("CH11_SEED_OFFSET", bad)
+        with pytest.raises(ValueError, match="CH11_SEED_OFFSET"):
+            seed_offset()
+    with pytest.raises(TypeError, match="seeds"):
+        offset_seeds([0, 1.5], offset=0)
+
+
+def test_seeds_line_is_sanitised_for_nbval():
+    import configparser
+    import re
+    from pathlib import Path
+
+    from chapter11.train import seeds_line
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).with_name("nbval_sanitize.cfg"))
+    pattern = cfg["seed-offset"]["regex"]
+    assert re.sub(pattern, "SEEDS", seeds_line([0, 1, 2], offset=0)) == re.sub(pattern, "SEEDS", seeds_line([1000, 1001, 1002], offset=1000)) == "SEEDS"
