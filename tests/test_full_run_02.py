@@ -93,3 +93,29 @@ def test_live_seed_lies_inside_the_recorded_spread(run, notebook):
     for got, values in zip(live, table["ticket"]):
         assert min(values) - TOLERANCE <= got <= max(values) + TOLERANCE, (got, values)
         assert abs(got - values[column]) <= TOLERANCE, (got, values[column])  # the same seed, recorded
+
+
+def test_mlp_seeds_record_settles_the_mlp_comparison():
+    from chapter11.experiments import exp02_lottery
+    from chapter11.stats import separated
+
+    rec = exp02_lottery.load_mlp_seeds()
+    assert rec["settings"]["config"] == exp02_lottery.MLP_CONFIG.to_json()
+    assert rec["settings"]["seeds"] == exp02_lottery.SEEDS and len(exp02_lottery.SEEDS) >= 8
+    acc = rec["results"]["accuracy"]
+    assert acc["seeds"] == exp02_lottery.SEEDS and len(acc["density"]) == exp02_lottery.MLP_CONFIG.rounds + 1
+    for table in (acc, rec["results"]["early_stop_step"], rec["results"]["lowest_val_loss"]):
+        assert all(len(row) == len(exp02_lottery.SEEDS) for run in ("ticket", "reinit", "random_mask") for row in table[run])
+    ticket, reinit, random_mask = (acc[r][-1] for r in ("ticket", "reinit", "random_mask"))
+    assert separated(ticket, reinit) and separated(ticket, random_mask)   # the claim notebook 02 states
+
+
+def test_notebook_mlp_settings_match_the_recorded_driver():
+    import json
+    from pathlib import Path
+
+    from chapter11.experiments import exp02_lottery
+
+    source = "".join("".join(c["source"]) for c in json.loads((Path(__file__).resolve().parent.parent / "notebooks" / "02_lottery_ticket.ipynb").read_text())["cells"])
+    cfg = exp02_lottery.MLP_CONFIG
+    assert f"prune_fraction=0.2 if FULL else {cfg.prune_fraction}" in source and f"rounds=10 if FULL else {cfg.rounds}" in source
