@@ -114,7 +114,7 @@ def test_first_cut_record_matches_the_notebook_and_holds_every_seed():
         for kind in ("movement", "movement_eq4", "magnitude", "random"):
             assert sorted(r[kind]) == sparsities and sorted(r["removed_abs_w"][kind]) == sparsities
     source = NOTEBOOK.read_text()
-    assert "load_full_run(FIRST_CUT_NAME)" in source and "first_cut(task, S, seed=0)" in source
+    assert "load_full_run(FIRST_CUT_NAME)" in source and "first_cut(task, S, seed=LIVE_SEED)" in source and "LIVE_SEED = seed_offset()" in source
 
 
 def test_more_seeds_record_matches_its_settings_and_is_complete():
