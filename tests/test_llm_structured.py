@@ -242,5 +242,16 @@ def test_time_by_part_and_measure_speed():
     assert speed["prefill_speedup"]["dense"] == 1.0 and speed["decode_speedup"]["dense"] == 1.0
     assert len(speed["decode"]["times"]["small"]) == 2
     assert set(speed["decode_tokens_per_s"]) == {"dense", "small"}
+    assert speed["prefill_rounds"]["dense"] == [1.0, 1.0] and len(speed["decode_rounds"]["small"]) == 2
+    threads = torch.get_num_threads()
+    cpu = measure_speed({"dense": model, "small": small}, x, x[:, :4], new_tokens=3, repeats=3, warmup=0, clock="cpu", threads=1)
+    assert torch.get_num_threads() == threads  # restored
+    assert len(cpu["prefill_rounds"]["small"]) == 3 and all(r > 0 for r in cpu["decode_rounds"]["small"])
+    assert cpu["prefill_speedup"]["small"] == pytest.approx(
+        sorted(cpu["prefill"]["times"]["dense"])[1] / sorted(cpu["prefill"]["times"]["small"])[1])
     with pytest.raises(ValueError, match="prompt"):
         measure_speed({"dense": model}, x[0], x)
+    with pytest.raises(ValueError, match="clock"):
+        measure_speed({"dense": model}, x, x, clock="gpu")
+    with pytest.raises(ValueError, match="threads"):
+        measure_speed({"dense": model}, x, x, threads=0)

@@ -595,7 +595,8 @@ def _quiet_generate():
 
 
 def measure_speed(models: Mapping[str, nn.Module], prompt: torch.Tensor, decode_prompt: torch.Tensor,
-                  new_tokens: int = 64, repeats: int = 3, warmup: int = 1) -> dict:
+                  new_tokens: int = 64, repeats: int = 3, warmup: int = 1, clock: str = "wall",
+                  threads: int | None = None) -> dict:
     """Prefill latency and greedy decoding throughput of each model, timed interleaved.
 
     - prefill: one forward pass over `prompt` (1, T), no cache;
@@ -607,9 +608,17 @@ def measure_speed(models: Mapping[str, nn.Module], prompt: torch.Tensor, decode_
     first model being the reference. Before timing, each model's generate is
     checked to return `new_tokens` new tokens. Returns {"prefill": compare
     result, "decode": compare result, "prefill_speedup": {name: x},
-    "decode_speedup": {name: x}, "decode_tokens_per_s": {name: tokens/s}};
+    "decode_speedup": {name: x}, "decode_tokens_per_s": {name: tokens/s},
+    "prefill_rounds": {name: [x per round]}, "decode_rounds": {name: [x per round]}};
     tokens/s counts new tokens over the whole generate call (its short
-    prompt's prefill included).
+    prompt's prefill included). A round's speedup divides the reference's
+    time by the model's time in the same round, so the spread of the rounds
+    shows how much the machine's noise moves one ratio.
+
+    On a machine shared with other jobs, `clock="cpu", threads=1` is the
+    robust setting: torch runs on one thread (restored afterwards) and
+    `time.process_time` counts only the CPU seconds of this process, not the
+    time other jobs hold the cores.
     """
     from ..bench import compare
 
@@ -621,6 +630,12 @@ def measure_speed(models: Mapping[str, nn.Module], prompt: torch.Tensor, decode_
     new_tokens = _as_index(new_tokens, "new_tokens")
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    if threads is not None:
+        threads = _as_index(threads, "threads")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {threads}")
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
 
     def prefill(model):
         x = prompt.to(next(model.parameters()).device)
@@ -632,18 +647,32 @@ def measure_speed(models: Mapping[str, nn.Module], prompt: torch.Tensor, decode_
         pad = pad[0] if isinstance(pad, list) else pad
         return lambda: model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
 
-    with torch.inference_mode(), _quiet_generate():
-        for name, model in models.items():
-            model.eval()
-            out = decode(model)()
-            if out.shape != (1, decode_prompt.shape[1] + new_tokens):
-                raise AssertionError(f"{name}: generate returned shape {tuple(out.shape)}, expected (1, {decode_prompt.shape[1] + new_tokens})")
-        pre = compare({n: prefill(m) for n, m in models.items()}, repeats=repeats, warmup=warmup)
-        dec = compare({n: decode(m) for n, m in models.items()}, repeats=repeats, warmup=warmup)
+    saved_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with torch.inference_mode(), _quiet_generate():
+            for name, model in models.items():
+                model.eval()
+                out = decode(model)()
+                if out.shape != (1, decode_prompt.shape[1] + new_tokens):
+                    raise AssertionError(f"{name}: generate returned shape {tuple(out.shape)}, expected (1, {decode_prompt.shape[1] + new_tokens})")
+            pre = compare({n: prefill(m) for n, m in models.items()}, repeats=repeats, warmup=warmup, clock=clock)
+            dec = compare({n: decode(m) for n, m in models.items()}, repeats=repeats, warmup=warmup, clock=clock)
+    finally:
+        torch.set_num_threads(saved_threads)
+    reference = next(iter(models))
+
+    def rounds(result):
+        ref = result["times"][reference]
+        return {n: [r / t for r, t in zip(ref, ts)] for n, ts in result["times"].items()}
+
     return {
         "prefill": pre,
         "decode": dec,
         "prefill_speedup": {n: 1 / r for n, r in pre["ratio"].items()},
         "decode_speedup": {n: 1 / r for n, r in dec["ratio"].items()},
         "decode_tokens_per_s": {n: new_tokens / s for n, s in dec["median_s"].items()},
+        "prefill_rounds": rounds(pre),
+        "decode_rounds": rounds(dec),
     }
