@@ -15,11 +15,11 @@ notebook's three live seeds.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
+from . import seeds_from_command_line
 from ..data import loaders, mnist1d, validation_loader, with_validation
 from ..models import LeNet300100
 from ..report import load_full_run, save_full_run
@@ -71,12 +71,8 @@ def load_extreme() -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=len(SEEDS), help="number of seeds, from 0 (default 12)")
-    args = parser.parse_args(argv)
-    if args.seeds < 8:
-        parser.error("--seeds must be at least 8: fewer do not settle the comparison")
-    res = extreme_run(seeds=list(range(args.seeds)))
+    seeds = seeds_from_command_line(__doc__, len(SEEDS), argv)
+    res = extreme_run(seeds=seeds)
     for key, values in res["test_accuracy"].items():
         print(f"{key:16s} {sum(values) / len(values):.4f}")
     return 0

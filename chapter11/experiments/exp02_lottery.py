@@ -16,11 +16,11 @@ shifts its seeds with `CH11_SEED_OFFSET` and is checked against this spread.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 
+from . import seeds_from_command_line
 from ..data import mnist1d
 from ..lottery import LotteryConfig, find_tickets, seed_table
 from ..models import LeNet300100
@@ -70,14 +70,10 @@ def load_mlp_seeds() -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=len(SEEDS), help="number of seeds, from 0 (default 12)")
-    args = parser.parse_args(argv)
-    if args.seeds < 8:
-        parser.error("--seeds must be at least 8: fewer do not settle the comparison")
-    out = mlp_seeds_run(seeds=list(range(args.seeds)))
+    seeds = seeds_from_command_line(__doc__, len(SEEDS), argv)
+    out = mlp_seeds_run(seeds=seeds)
     acc = out["results"]["accuracy"]
-    print(f"recorded {RUN_NAME}: ticket / reinit / random mask at {acc['density'][-1]:.3f} remaining, mean over {args.seeds} seeds:",
+    print(f"recorded {RUN_NAME}: ticket / reinit / random mask at {acc['density'][-1]:.3f} remaining, mean over {len(seeds)} seeds:",
           [round(sum(acc[r][-1]) / len(acc[r][-1]), 4) for r in RUNS])
     return 0
 
