@@ -12,12 +12,10 @@
 notebook that fails is reported with its cell and error, the others still
 run, and the exit status is 1 if any failed.
 
-`bench` dispatches to the benchmark command lines of the method modules
-(`chapter11.csr`, `chapter11.structured.channels`, `chapter11.nm`) and of
-the harness (`chapter11.bench.masks_main`); it lives here, not in
-`chapter11.bench`, because those modules import the harness. Like
-`python -m chapter11.bench`, it restarts itself once with
-`chapter11.bench.QUIET_POOLS` set, so idle BLAS threads sleep between timings.
+`bench` hands over to the benchmark drivers (`chapter11.experiments.benchmarks`,
+which lists them); it restarts itself once with `chapter11.bench.QUIET_POOLS`
+set, so idle BLAS threads sleep between timings. This module sits at the top
+of the package: it imports the core and the drivers, and nothing imports it.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .report import RECORD_ENV, atomic_write_bytes, atomic_write_text, headline_table
+from .report import RECORD_ENV, atomic_write_bytes, atomic_write_text, describe_machine, headline_table
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -191,8 +189,6 @@ def cmd_run(args) -> int:
         table = headline_table(json.loads(records.read_text())) if records.exists() else "_no headline numbers recorded_"
         figs = "\n".join(f"![{path.stem} figure {k + 1}]({f.relative_to(BUILD).as_posix()})" for k, f in enumerate(figures))
         sections.append(f"## {title}\n\n`{path.name}`: {status}. {sentence}\n\n{table}\n\n{figs or '_no figures_'}\n")
-    from .bench import describe_machine
-
     header = f"# chapter11: experiment summary\n\nMachine: {describe_machine()}.\n\n{len(chosen) - len(failed)} of {len(chosen)} experiments ran cleanly."
     if failed:
         header += f" Failed: {', '.join(failed)}."
@@ -213,40 +209,12 @@ def cmd_refresh(args) -> int:
     return 1 if failed else 0
 
 
-# name -> (module, function, what it measures); imported only when chosen
-BENCHMARKS = {
-    "masks": ("chapter11.bench", "masks_main", "training step: dense vs chapter11 masks vs torch.nn.utils.prune"),
-    "sparse": ("chapter11.csr", "benchmark_main", "CSR kernels vs dense, scipy and torch.sparse_csr (CPU)"),
-    "structured": ("chapter11.structured.channels", "benchmark_main", "dense vs physically pruned models, measured vs predicted"),
-    "semi": ("chapter11.nm", "benchmark_main", "2:4 semi-structured vs dense fp16 at LLM shapes (CUDA GPU; skips with a reason otherwise)"),
-}
-
-
-def bench_usage() -> str:
-    lines = ["usage: python -m chapter11 bench NAME [options]   (--help after NAME for its options)", "", "benchmarks:"]
-    lines += [f"  {name:11s} {what}" for name, (_, _, what) in BENCHMARKS.items()]
-    return "\n".join(lines)
-
-
-def bench_main(argv: list[str]) -> int:
-    """Run benchmark `argv[0]` with the options `argv[1:]`; 2 (and the usage) for an unknown name."""
-    import importlib
-
-    argv = list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(bench_usage(), file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
-    if argv[0] not in BENCHMARKS:
-        print(f"bench: no benchmark named {argv[0]!r}; choose from {', '.join(BENCHMARKS)}\n{bench_usage()}", file=sys.stderr)
-        return 2
-    module, function, _ = BENCHMARKS[argv[0]]
-    status = getattr(importlib.import_module(module), function)(argv[1:])
-    return status if isinstance(status, int) else 0
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # its options belong to each benchmark, so argparse does not see them
+        from .experiments.benchmarks import bench_main
+
         return bench_main(argv[1:])
     if argv and argv[0] == "labs":  # the same: chapter11.labs parses its own options
         from .labs import main as labs_main
@@ -261,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     refresh = sub.add_parser("refresh", help="re-execute committed notebooks in place")
     refresh.add_argument("paths", nargs="*", help="notebooks to refresh (default: all experiments)")
     refresh.set_defaults(func=cmd_refresh)
-    sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS) + " (python -m chapter11 bench --help)", add_help=False)
+    sub.add_parser("bench", help="benchmarks: masks, sparse, structured, semi (python -m chapter11 bench --help)", add_help=False)
     sub.add_parser("labs", add_help=False,
                    help="nbgrader labs: student release, reference and wrong samples autograded, build/labs/scores.csv (labs --help)")
     args = parser.parse_args(argv)

@@ -1,88 +1,42 @@
 """Benchmarks that check first, then time: medians of repeats, ratios from one run.
 
-Covers the timing harness every method module builds on: `machine_info`
-(what the numbers were measured on), `time_callable` (median of repeated
-calls), `compare` (several candidates timed interleaved in one process, so a
-noisy neighbour slows them all alike, with ratios to a reference), and one
-benchmark of the core itself, `bench_masks` (a training step with
-`chapter11.masks` against `torch.nn.utils.prune`).
+Covers the timing harness every benchmark builds on: `time_callable`
+(median of repeated calls), `compare` (several candidates timed interleaved
+in one process, so a noisy neighbour slows them all alike, with ratios to a
+reference), `recorded_runs` (the benchmark files in `benchmarks/`),
+`QUIET_POOLS` (thread-pool settings for timing), and, from
+`chapter11.report`, `machine_info` / `describe_machine` (what the numbers
+were measured on).
 
-The command line lives in `chapter11.__main__` (it imports the method
-modules, which import this harness):
+The drivers that use it live in `chapter11.experiments.benchmarks` and run
+from the command line:
 
     python -m chapter11 bench masks       [--json PATH] [--steps N]
-    python -m chapter11 bench sparse      [--json PATH] [--quick]   (chapter11.csr)
-    python -m chapter11 bench structured  [--json PATH]             (chapter11.structured)
-    python -m chapter11 bench semi        [--json PATH]             (chapter11.nm, CUDA only)
+    python -m chapter11 bench sparse      [--json PATH] [--quick]   (CSR kernels)
+    python -m chapter11 bench structured  [--json PATH]             (pruned channels and heads)
+    python -m chapter11 bench semi        [--json PATH]             (2:4 sparsity, CUDA only)
 
-`python -m chapter11.bench NAME ...` still works: `main` hands over to it.
-
-But: wall-clock timing only (no hardware counters), and one process: the
-numbers describe this machine at this moment, which is why only ratios
-measured side by side are ever reported as speedups. This module imports no
-method module at load time (`csr`, `export` and `structured.channels` import
-it), so it has no command-line dispatch of its own.
+But: wall-clock or CPU-time timing only (no hardware counters), and one
+process: the numbers describe this machine at this moment, which is why only
+ratios measured side by side are ever reported as speedups. This module
+imports the core only.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
-from .report import atomic_write_text
+from .report import describe_machine, machine_info  # noqa: F401 (part of the harness's interface)
 
-__all__ = ["machine_info", "describe_machine", "time_callable", "compare", "recorded_runs", "bench_masks", "masks_main", "main",
-           "QUIET_POOLS", "quiet_pools_missing", "BENCHMARKS"]
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def machine_info() -> dict[str, str | int]:
-    """CPU model, cores, torch threads, library versions and the GPU, if any."""
-    import numpy
-
-    info: dict[str, str | int] = {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count() or 0,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-    }
-    for name in ("scipy", "onnxruntime", "numba", "transformers"):
-        try:
-            info[name] = __import__(name).__version__
-        except ImportError:
-            info[name] = "not installed"
-    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    # thread-pool settings change timings (see QUIET_POOLS), so they are part of the record
-    env = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT", "OMP_NUM_THREADS") if k in os.environ]
-    info["thread_env"] = " ".join(env) or "defaults"
-    return info
-
-
-def describe_machine() -> str:
-    """One line for a benchmark header."""
-    i = machine_info()
-    return f"{i['cpu']}, {i['cores']} cores ({i['torch_threads']} torch threads), torch {i['torch']}, GPU: {i['gpu']}"
+__all__ = ["machine_info", "describe_machine", "time_callable", "compare", "recorded_runs", "QUIET_POOLS",
+           "quiet_pools_missing", "BENCHMARKS"]
 
 
 def _sync():
@@ -196,111 +150,6 @@ def recorded_runs(kind: str | None = None, folder=None) -> list[dict]:
     return sorted(found, key=lambda r: (r["date"], r["file"]))
 
 
-def _mlp(sizes: tuple[int, ...]) -> torch.nn.Sequential:
-    layers: list[torch.nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers)
-
-
-def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(1024, 4096, 4096, 10), seed: int = 0) -> dict:
-    """Training-step time: dense vs chapter11 masks vs torch.nn.utils.prune, same masks.
-
-    Each variant is a copy of one model with the same random masks; steps are
-    interleaved. Before timing, one step of each masked variant is checked to
-    leave exactly the same weights.
-    """
-    import copy
-
-    import torch.nn.utils.prune as prune
-
-    from .masks import MaskedOptimizer, apply_masks, prunable_parameters
-    from .sparsity import check_sparsity
-
-    check_sparsity(sparsity)
-    torch.manual_seed(seed)
-    dense = _mlp(tuple(sizes))
-    g = torch.Generator().manual_seed(seed)
-    masks = {n: (torch.rand(p.shape, generator=g) >= sparsity).float() for n, p in prunable_parameters(dense).items()}
-    ours, theirs = copy.deepcopy(dense), copy.deepcopy(dense)
-    apply_masks(ours, masks)
-    for name, mask in masks.items():
-        prune.custom_from_mask(theirs.get_submodule(name.rsplit(".", 1)[0]), "weight", mask)
-    X = torch.randn(batch, sizes[0], generator=g)
-    y = torch.randint(0, sizes[-1], (batch,), generator=g)
-
-    def make_step(model, wrap):
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-        opt = MaskedOptimizer(opt, model) if wrap else opt
-
-        def step():
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(X), y).backward()
-            opt.step()
-
-        return step
-
-    variants = {"dense": make_step(dense, False), "chapter11": make_step(ours, True), "torch_prune": make_step(theirs, False)}
-    variants["chapter11"]()
-    variants["torch_prune"]()
-    for name in masks:
-        a = ours.get_submodule(name.rsplit(".", 1)[0]).weight
-        module = theirs.get_submodule(name.rsplit(".", 1)[0])
-        b = module.weight_orig * module.weight_mask  # .weight is only refreshed by the next forward
-        if not torch.allclose(a, b, atol=1e-6):
-            raise AssertionError(f"chapter11 and torch.nn.utils.prune disagree on {name} after one step")
-        if (a[masks[name] == 0] != 0).any():
-            raise AssertionError(f"{name}: a pruned weight came back to life")
-    result = compare(variants, repeats=steps, warmup=2, reference="dense")
-    med = result["median_s"]
-    return {
-        "dense_s": med["dense"],
-        "chapter11_s": med["chapter11"],
-        "torch_prune_s": med["torch_prune"],
-        "chapter11_ratio": med["chapter11"] / med["dense"],
-        "torch_prune_ratio": med["torch_prune"] / med["dense"],
-        "steps": steps,
-        "sparsity": sparsity,
-        "batch": batch,
-        "sizes": list(sizes),
-        "machine": machine_info(),
-    }
-
-
-def masks_main(argv: list[str] | None = None) -> int:
-    """`python -m chapter11 bench masks`: a training step, dense vs chapter11 masks vs torch.nn.utils.prune."""
-    parser = argparse.ArgumentParser(prog="python -m chapter11 bench masks", description="Training step: dense vs masked (chapter11) vs torch.nn.utils.prune.")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median reported)")
-    parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--sizes", default="1024,4096,4096,10", help="layer widths of the MLP, comma-separated (default 1024,4096,4096,10)")
-    parser.add_argument("--json", metavar="PATH", help="write the numbers as JSON here")
-    args = parser.parse_args(argv)
-    try:
-        sizes = tuple(int(v) for v in args.sizes.split(","))
-    except ValueError:
-        parser.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
-    if len(sizes) < 2 or min(sizes) < 1:
-        parser.error(f"--sizes needs at least two positive widths, got {args.sizes!r}")
-    print(f"machine: {describe_machine()}", flush=True)
-    r = bench_masks(steps=args.steps, sparsity=args.sparsity, sizes=sizes)
-    print(f"MLP {'-'.join(map(str, r['sizes']))}, batch {r['batch']}, sparsity {r['sparsity']:.0%}, median of {r['steps']} interleaved steps")
-    print(f"  dense              {r['dense_s'] * 1e3:8.1f} ms/step")
-    print(f"  chapter11 masks    {r['chapter11_s'] * 1e3:8.1f} ms/step  ({r['chapter11_ratio']:.2f}x dense)")
-    print(f"  torch.nn.utils.prune {r['torch_prune_s'] * 1e3:6.1f} ms/step  ({r['torch_prune_ratio']:.2f}x dense)")
-    if args.json:
-        atomic_write_text(json.dumps({k: r[k] for k in ("dense_s", "chapter11_s", "torch_prune_s", "chapter11_ratio", "torch_prune_ratio")} | {"machine": r["machine"]}, indent=2), args.json)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m chapter11.bench NAME ...`, kept for old commands: the same as `python -m chapter11 bench NAME ...`."""
-    from .__main__ import bench_main  # imported here: the dispatch imports the method modules, which import this one
-
-    return bench_main(list(sys.argv[1:] if argv is None else argv))
-
-
 # Idle thread pools should sleep, not spin, while the next candidate runs.
 # OpenBLAS (numpy's BLAS) keeps its idle threads polling for about 0.1 s after
 # each call; on two cores that stalled the threads of whichever candidate came
@@ -323,8 +172,8 @@ def quiet_pools_missing(environ: Mapping[str, str] | None = None) -> dict[str, s
     return {k: v for k, v in QUIET_POOLS.items() if k not in environ}
 
 
-if __name__ == "__main__":
-    missing = quiet_pools_missing()
-    if missing:
-        os.execve(sys.executable, [sys.executable, "-m", "chapter11.bench", *sys.argv[1:]], {**os.environ, **missing})
-    sys.exit(main())
+if __name__ == "__main__":  # the old entry point: say where the drivers went instead of doing nothing
+    import sys
+
+    sys.exit(f"python -m chapter11.bench is the timing harness only; run the benchmarks with "
+             f"python -m chapter11 bench {' '.join(sys.argv[1:]) or 'NAME'}   (python -m chapter11 bench --help lists them)")

@@ -13,9 +13,9 @@ going back (`to_dense_loop`, `to_dense`), the smallest index type that fits
 for dense / CSR / COO / bitmask / N:M (`storage_bytes`, `csr_nbytes`,
 `traffic_limit`), reference kernels (`csr_matvec_loop`, `csr_matmul_loop`),
 fast CPU kernels compiled by numba (`csr_matvec`, `csr_matmul`), a module
-that runs a pruned `nn.Linear` through them (`SparseLinear`, `sparsify`) and
-the benchmark behind `python -m chapter11.bench sparse` (`benchmark`,
-`benchmark_main`).
+that runs a pruned `nn.Linear` through them (`SparseLinear`, `sparsify`).
+The benchmark that times them against dense, scipy and `torch.sparse_csr`
+is `chapter11.experiments.exp08_kernels` (`python -m chapter11 bench sparse`).
 
 Why a sparse kernel can only win by so much: a matrix-vector product reads
 every stored byte of the weight once and does one multiply-add per value, so
@@ -41,17 +41,10 @@ the kernels are tuned for 2-8 CPU threads, not for GPUs (see
 
 from __future__ import annotations
 
-import argparse
 import copy
-import io
-import json
 import math
-import os
-import sys
-import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numba
 import numpy as np
@@ -59,38 +52,13 @@ import torch
 from numba import njit, prange
 from torch import nn
 
-from chapter11.bench import compare, machine_info
 from chapter11.masks import check_mask
-from chapter11.report import atomic_write_bytes, atomic_write_text
 from chapter11.sparsity import check_sparsity
 
 __all__ = [
-    "CSR",
-    "index_dtype_for",
-    "to_csr_loop",
-    "to_csr",
-    "to_dense_loop",
-    "to_dense",
-    "csr_nbytes",
-    "storage_bytes",
-    "traffic_limit",
-    "csr_matvec_loop",
-    "csr_matvec",
-    "csr_matmul_loop",
-    "csr_matmul",
-    "matvec_variants",
-    "matmul_variants",
-    "NUMBA_MIN_BATCH",
-    "PARALLEL_MIN_WORK",
-    "FIXED_WIDTH",
-    "SparseLinear",
-    "sparsify",
-    "benchmark",
-    "benchmark_main",
-    "crossover_sparsity",
-    "plot_benchmark",
-    "SPARSITIES",
-    "IMPLS",
+    "CSR", "index_dtype_for", "to_csr_loop", "to_csr", "to_dense_loop", "to_dense", "csr_nbytes", "storage_bytes",
+    "traffic_limit", "csr_matvec_loop", "csr_matvec", "csr_matmul_loop", "csr_matmul",     "NUMBA_MIN_BATCH", "PARALLEL_MIN_WORK", "FIXED_WIDTH", "SparseLinear", "sparsify",
+    "SPARSITIES", "IMPLS",
 ]
 
 _VALUE_DTYPES = (np.float16, np.float32, np.float64)
@@ -115,6 +83,56 @@ class CSR:
     indices: np.ndarray  # (nnz,) column of each value
     indptr: np.ndarray  # (rows + 1,) row i is data[indptr[i]:indptr[i + 1]]
     shape: tuple[int, int]
+
+    def __post_init__(self):
+        """Check the three arrays against each other and the shape: the kernels read them without bounds checks.
+
+        >>> CSR(np.ones(2, np.float32), np.array([0, 9]), np.array([0, 1, 2]), (2, 4))
+        Traceback (most recent call last):
+        ...
+        ValueError: indices: column 9 is outside the 4 columns of shape (2, 4)
+        """
+        shape = self.shape
+        if (not isinstance(shape, (tuple, list)) or len(shape) != 2
+                or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            raise ValueError(f"shape must be two non-negative ints (rows, cols), got {shape!r}")
+        rows, cols = (int(n) for n in shape)
+        arrays = {}
+        for name in ("data", "indices", "indptr"):
+            value = np.asarray(getattr(self, name))
+            if value.ndim != 1:
+                raise ValueError(f"{name} must be 1-D, got shape {value.shape}")
+            arrays[name] = value
+        data, indices, indptr = arrays["data"], arrays["indices"], arrays["indptr"]
+        if data.dtype.type not in _VALUE_DTYPES:
+            raise TypeError(f"data must hold float16, float32 or float64 values, got {data.dtype}")
+        for name, value in (("indices", indices), ("indptr", indptr)):
+            if value.size and not np.issubdtype(value.dtype, np.integer):
+                raise TypeError(f"{name} must hold integers, got {value.dtype}")
+        if indptr.shape[0] != rows + 1:
+            raise ValueError(f"indptr must have rows + 1 = {rows + 1} entries for shape {(rows, cols)}, got {indptr.shape[0]}")
+        if indices.shape[0] != data.shape[0]:
+            raise ValueError(f"indices and data must have the same length (one column per value), got {indices.shape[0]} and {data.shape[0]}")
+        if int(indptr[0]) != 0 or int(indptr[-1]) != data.shape[0]:
+            raise ValueError(f"indptr must start at 0 and end at nnz = {data.shape[0]}, got {int(indptr[0])} ... {int(indptr[-1])}")
+        if (np.diff(indptr.astype(np.int64)) < 0).any():
+            raise ValueError("indptr must never decrease (row i is data[indptr[i]:indptr[i + 1]])")
+        if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= cols):
+            bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
+            raise ValueError(f"indices: column {bad} is outside the {cols} columns of shape {(rows, cols)}")
+        if not np.isfinite(data.astype(np.float64, copy=False)).all():
+            raise ValueError(f"data holds {int((~np.isfinite(data)).sum())} NaN or infinite values")
+        for name, value in arrays.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "shape", (rows, cols))
+
+    @classmethod
+    def _trusted(cls, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]) -> "CSR":
+        """A CSR from arrays this module built itself (already consistent): no O(nnz) check."""
+        csr = object.__new__(cls)
+        for name, value in (("data", data), ("indices", indices), ("indptr", indptr), ("shape", shape)):
+            object.__setattr__(csr, name, value)
+        return csr
 
     @property
     def nnz(self) -> int:
@@ -293,7 +311,7 @@ def to_csr(weight, index_dtype=None) -> CSR:
     counts = np.bincount(r, minlength=rows)  # (rows,)
     indptr = np.zeros(rows + 1, dtype=_indptr_dtype(nnz))
     np.cumsum(counts, out=indptr[1:])
-    return CSR(np.ascontiguousarray(W[r, c]), c.astype(idx), indptr, (rows, cols))
+    return CSR._trusted(np.ascontiguousarray(W[r, c]), c.astype(idx), indptr, (rows, cols))
 
 
 def _check_csr(csr, name: str = "csr") -> CSR:
@@ -685,78 +703,6 @@ def csr_matmul(csr: CSR, X, out=None, num_threads: int | None = None, backend: s
     return _back(out, is_torch)
 
 
-# ------------------------------------------- what each kernel detail buys
-
-# Two earlier versions of the serial row loop, kept to be timed against ours.
-@njit(boundscheck=False, cache=True, nogil=True)
-def _matvec_signed_in_order(data, indices, indptr, x, out):  # pragma: no cover - compiled
-    for i in range(out.shape[0]):
-        total = x.dtype.type(0)
-        for k in range(indptr[i], indptr[i + 1]):
-            total += data[k] * x[indices[k]]  # signed index: numba adds a negative-index test
-        out[i] = total
-
-
-@njit(inline="always", boundscheck=False)
-def _row_dot_in_order(data, indices, x, start, end):  # pragma: no cover - compiled
-    total = x.dtype.type(0)
-    for k in range(np.uint64(start), np.uint64(end)):
-        total += data[k] * x[np.uint64(indices[k])]  # no fastmath: adds in order, one at a time
-    return total
-
-
-@njit(boundscheck=False, cache=True, nogil=True)
-def _matvec_unsigned_in_order(data, indices, indptr, x, out):  # pragma: no cover - compiled
-    for i in range(out.shape[0]):
-        out[i] = _row_dot_in_order(data, indices, x, indptr[i], indptr[i + 1])
-
-
-def _run_serial(kernel, csr: CSR, x, batched: bool = False) -> np.ndarray:
-    csr, x, dtype, _ = _kernel_operand(csr, x, 2 if batched else 1, "X" if batched else "x")
-    out = np.empty((csr.shape[0], x.shape[1]) if batched else csr.shape[0], dtype=dtype)
-    kernel(_values(csr, dtype), csr.indices, csr.indptr, x, out)
-    return out
-
-
-def matvec_variants() -> dict[str, Callable]:
-    """Three compiled versions of the same one-thread row loop, to time side by side.
-
-    Each maps (csr, x) to y (numpy). They differ in one detail at a time:
-    "signed index" (numba guards every x[indices[k]] against a negative
-    index), "unsigned index" (no guard; the sum still runs in order) and
-    "unsigned, reordered" (ours: fastmath reassoc lets the compiler split the
-    sum across SIMD lanes with gathers). Notebook 08 times them.
-
-    >>> A = to_csr(torch.tensor([[1.0, 0.0, 2.0]]))
-    >>> [f(A, np.ones(3, np.float32)).tolist() for f in matvec_variants().values()]
-    [[3.0], [3.0], [3.0]]
-    """
-    return {
-        "signed index": lambda csr, x: _run_serial(_matvec_signed_in_order, csr, x),
-        "unsigned index": lambda csr, x: _run_serial(_matvec_unsigned_in_order, csr, x),
-        "unsigned, reordered": lambda csr, x: _run_serial(_matvec_serial, csr, x),
-    }
-
-
-def matmul_variants() -> dict[str, Callable]:
-    """Our one-thread batch kernel with the width known at run time, and fixed at 32.
-
-    Each maps (csr, X) to Y (numpy); "fixed width" needs exactly
-    `FIXED_WIDTH` columns in X.
-
-    >>> A = to_csr(torch.tensor([[1.0, 0.0, 2.0]]))
-    >>> [f(A, np.ones((3, 32), np.float32))[0, :2].tolist() for f in matmul_variants().values()]
-    [[3.0, 3.0], [3.0, 3.0]]
-    """
-
-    def fixed(csr, X):
-        if np.shape(X)[-1] != FIXED_WIDTH:
-            raise ValueError(f"X must have {FIXED_WIDTH} columns for the fixed-width kernel, got shape {tuple(np.shape(X))}")
-        return _run_serial(_matmul_fixed_serial, csr, X, batched=True)
-
-    return {"general width": lambda csr, X: _run_serial(_matmul_serial, csr, X, batched=True), "fixed width": fixed}
-
-
 # ----------------------------------------------------------- modules in a model
 
 
@@ -811,7 +757,7 @@ class SparseLinear(nn.Module):
 
     @property
     def csr(self) -> CSR:
-        return CSR(self.values.numpy(), self.col_indices.numpy(), self.row_offsets.numpy(), (self.out_features, self.in_features))
+        return CSR._trusted(self.values.numpy(), self.col_indices.numpy(), self.row_offsets.numpy(), (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -860,201 +806,3 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.8, inplace: bool = False)
     for module, child_name, child in swaps:
         setattr(module, child_name, SparseLinear.from_linear(child))
     return model
-
-
-# ------------------------------------------------------------------ benchmark
-
-
-def _random_pruned(size: int, sparsity: float, rng: np.random.Generator) -> np.ndarray:
-    """A (size, size) float32 matrix with exactly round(sparsity * size^2) zeros at random places."""
-    W = rng.standard_normal((size, size), dtype=np.float32)  # (size, size)
-    zeros = rng.permutation(size * size)[: round(sparsity * size * size)]
-    W.reshape(-1)[zeros] = 0.0
-    W[W == 0] = 0.0  # no negative zeros
-    kept = W != 0
-    W[kept & (np.abs(W) < 1e-3)] = 1e-3  # a random normal is never exactly 0, but be sure
-    return W
-
-
-def benchmark(
-    size: int = 4096,
-    sparsities: Sequence[float] = SPARSITIES,
-    batches: Sequence[int] = (1, 32),
-    repeats: int = 15,
-    seed: int = 0,
-    num_threads: int | None = None,
-    verbose: bool = True,
-    min_time_s: float = 1.0,
-) -> list[dict]:
-    """Time dense, our CSR kernel, scipy and torch.sparse_csr in one process; return rows.
-
-    For every (sparsity, batch): check all candidates against dense, then time
-    them interleaved and keep the medians. Dense is the faster of numpy and
-    torch in this run. Each row is {"impl", "sparsity", "batch", "median_s",
-    "speedup_vs_dense", "traffic_limit"}; the traffic limit is dense bytes over
-    our CSR bytes (float32 values, the narrowest index type: int16 for 4096
-    columns). The printed line also shows the backend that auto passed over.
-
-    Every candidate gets at least `repeats` timed calls; fast configurations
-    get more (up to 5x), so that each is timed for about `min_time_s` and
-    its medians are not decided by a few noisy calls.
-    """
-    import scipy.sparse as sp
-
-    if isinstance(size, bool) or not isinstance(size, int) or size < 4:
-        raise ValueError(f"size must be an int >= 4, got {size!r}")
-    sparsities = [check_sparsity(s, "sparsities") for s in sparsities]
-    for b in batches:
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise ValueError(f"batches must hold positive ints, got {b!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
-    if not min_time_s >= 0:
-        raise ValueError(f"min_time_s must be >= 0, got {min_time_s!r}")
-    rng = np.random.default_rng(seed)
-    mkl = torch.backends.mkl.is_available()
-    rows = []
-    with _threads(num_threads):
-        for s in sparsities:
-            W = _random_pruned(size, s, rng)  # (size, size)
-            Wt = torch.from_numpy(W)
-            ours = to_csr(W)
-            dense_bytes = W.nbytes
-            limit = dense_bytes / ours.nbytes
-            scipy_A = sp.csr_array(W)  # scipy picks its own index type (int32 here)
-            with torch.sparse.check_sparse_tensor_invariants(False):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    torch_A = Wt.to_sparse_csr()  # what a user gets: int64 indices
-            for batch in batches:
-                x = rng.standard_normal((size, batch), dtype=np.float32)  # (size, batch)
-                if batch == 1:
-                    x = x[:, 0].copy()  # (size,)
-                xt = torch.from_numpy(x)
-                kernel = csr_matvec if batch == 1 else csr_matmul
-                candidates = {
-                    "numpy_dense": lambda: W @ x,
-                    "torch_dense": lambda: torch.mv(Wt, xt) if batch == 1 else torch.mm(Wt, xt),
-                    "chapter11": lambda: kernel(ours, x),  # backend="auto"
-                    "scipy": lambda: scipy_A @ x,
-                    "torch_sparse": lambda: (torch_A @ xt),
-                }
-                if mkl:  # the backend that "auto" passed over, for comparison
-                    other = "mkl" if _backend("auto", None, None, batch) == "numba" else "numba"
-                    candidates[other] = lambda other=other: kernel(ours, x, backend=other)
-                # correctness first: every candidate against float64 dense (each call also timed once)
-                want = W.astype(np.float64) @ x.astype(np.float64)
-                scale = np.abs(W).astype(np.float64) @ np.abs(x).astype(np.float64) + 1e-30
-                round_s = 0.0
-                for name, fn in candidates.items():
-                    t0 = time.perf_counter()
-                    got = fn()
-                    round_s += time.perf_counter() - t0
-                    got = np.asarray(got.numpy() if name.startswith("torch") else got, dtype=np.float64)
-                    err = float(np.max(np.abs(got - want) / scale))
-                    if not err < 1e-5:
-                        raise AssertionError(f"{name} disagrees with dense at sparsity {s}, batch {batch}: relative error {err:.2e}")
-                reps = max(repeats, min(5 * repeats, math.ceil(min_time_s / max(round_s, 1e-9))))
-                # blocks of consecutive calls, rotated round by round: thread pools keep spinning
-                # for a while after a call and would slow the next candidate
-                med = compare(candidates, repeats=reps, warmup=1, block=min(10, -(-reps // 3)))["median_s"]
-                best_dense = min(med["numpy_dense"], med["torch_dense"])
-                dense_name = "numpy" if med["numpy_dense"] <= med["torch_dense"] else "torch"
-                for impl, key in (("dense", None), ("chapter11", "chapter11"), ("scipy", "scipy"), ("torch_sparse", "torch_sparse")):
-                    t = best_dense if key is None else med[key]
-                    rows.append(
-                        {"impl": impl, "sparsity": s, "batch": batch, "median_s": t, "speedup_vs_dense": best_dense / t, "traffic_limit": limit}
-                    )
-                if verbose:
-                    line = "  ".join(f"{k} {best_dense / med[k]:5.2f}x" for k in candidates if not k.endswith("_dense"))
-                    print(f"s={s:<5} batch={batch:<3} dense({dense_name}) {best_dense * 1e3:8.2f} ms  {line}  limit {limit:5.2f}x", flush=True)
-    return rows
-
-
-def crossover_sparsity(rows: list[dict], impl: str = "chapter11", batch: int = 1) -> float | None:
-    """Lowest sparsity where `impl` beats dense, interpolated between measured points.
-
-    None if it never does; the lowest measured sparsity if it always does.
-
-    >>> rows = [{"impl": "chapter11", "batch": 1, "sparsity": s, "speedup_vs_dense": v} for s, v in [(0.5, 0.5), (0.8, 1.5)]]
-    >>> round(crossover_sparsity(rows), 3)
-    0.65
-    """
-    pts = sorted((r["sparsity"], r["speedup_vs_dense"]) for r in rows if r["impl"] == impl and r["batch"] == batch)
-    if not pts:
-        raise ValueError(f"rows hold no results for impl={impl!r}, batch={batch}")
-    if pts[0][1] >= 1:
-        return pts[0][0]
-    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
-        if v0 < 1 <= v1:
-            return s0 + (1 - v0) * (s1 - s0) / (v1 - v0)
-    return None
-
-
-def plot_benchmark(rows: list[dict], path=None):
-    """Speedup over dense against sparsity, one panel per batch, with the traffic limit.
-
-    Returns the figure; with `path` also saves a PNG there (atomically).
-    """
-    import matplotlib.pyplot as plt
-
-    batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.8), squeeze=False)
-    styles = {"chapter11": "o-", "scipy": "s--", "torch_sparse": "^--", "dense": "k-"}
-    for ax, batch in zip(axes[0], batches):
-        sub = [r for r in rows if r["batch"] == batch]
-        for impl in IMPLS:
-            pts = sorted((r["sparsity"], r["speedup_vs_dense"]) for r in sub if r["impl"] == impl)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[impl], label=impl if impl != "dense" else "dense (best of numpy, torch)")
-        lim = sorted({(r["sparsity"], r["traffic_limit"]) for r in sub})
-        ax.plot([p[0] for p in lim], [p[1] for p in lim], ":", color="gray", label="traffic limit (dense / CSR bytes)")
-        ax.set_yscale("log")
-        ax.set_xlabel("sparsity (fraction of zeros)")
-        ax.set_ylabel("speedup over dense (x)")
-        ax.set_title(f"batch {batch}")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    if path is not None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120)
-        atomic_write_bytes(buf.getvalue(), path)
-    return fig
-
-
-def benchmark_main(argv=None) -> int:
-    """`python -m chapter11.bench sparse [--quick] [--json PATH] [--plot PATH]`."""
-    parser = argparse.ArgumentParser(prog="python -m chapter11.bench sparse", description="CSR kernels against dense, scipy and torch.sparse_csr")
-    parser.add_argument("--quick", action="store_true", help="2048x2048 and 5 repeats instead of 4096x4096 and 15")
-    parser.add_argument("--size", type=int, default=None, help="rows = cols of the weight (default 4096, quick 2048)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per candidate (default 15, quick 5)")
-    parser.add_argument("--threads", type=int, default=None, help="threads for numba and torch (default: numba's)")
-    parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per configuration, at most 5x the repeats (default 1)")
-    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON here")
-    parser.add_argument("--plot", metavar="PATH", default="build/bench_sparse.png", help="save the plot here (default build/bench_sparse.png)")
-    args = parser.parse_args(argv)
-    size = args.size or (2048 if args.quick else 4096)
-    repeats = args.repeats or (5 if args.quick else 15)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print("machine:", json.dumps(machine_info()), flush=True)
-    print(f"weight {size}x{size} float32, at least {repeats} interleaved repeats, numba threads {args.threads or numba.get_num_threads()}, torch threads {torch.get_num_threads()}", flush=True)
-    rows = benchmark(size=size, repeats=repeats, num_threads=args.threads, min_time_s=args.min_time)
-    for batch in sorted({r["batch"] for r in rows}):
-        cross = crossover_sparsity(rows, "chapter11", batch)
-        where = "never (not at any measured sparsity)" if cross is None else f"{cross:.2f}"
-        print(f"batch {batch}: chapter11 beats dense from sparsity {where}")
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        plot_benchmark(rows, args.plot)
-        print(f"plot: {args.plot}")
-    if args.json:
-        atomic_write_text(json.dumps(rows, indent=1), args.json)
-        print(f"json: {args.json}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    benchmark_main(sys.argv[1:])

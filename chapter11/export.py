@@ -18,8 +18,8 @@ target runtime". This module covers the ONNX Runtime (ORT) path on a CPU:
   quantized on the fly), the chapter's "compound gains" with pruning.
 - `ort_session`, `run_onnx`: a CPU session with a fixed thread count.
 - `check_agreement`: the ONNX file against the PyTorch model on the same input.
-- `benchmark_onnx`: throughput of several sessions timed interleaved in one run
-  (`chapter11.bench.compare`), with speedups over a reference.
+- Timing the sessions against each other is Experiment 5's driver,
+  `chapter11.experiments.exp05_onnx.benchmark_onnx`.
 
 - `to_sparse_matmul_onnx`, `sparse_matmul_session`: ORT's one sparse
   kernel, the contrib operator `com.microsoft.SparseToDenseMatMul` (a sparse
@@ -67,34 +67,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bench import compare
 from .masks import remove_masks
 from .report import atomic_write_bytes
 from .sparsity import check_sparsity
 from .train import model_device
 
 __all__ = [
-    "export_onnx",
-    "load_onnx",
-    "save_onnx",
-    "to_sparse_tensor_loop",
-    "to_sparse_tensor",
-    "sparse_tensor_to_dense_loop",
-    "sparse_tensor_to_dense",
-    "sparsify_onnx",
-    "initializer_table",
-    "quantize_int8",
-    "ort_session",
-    "run_onnx",
-    "check_agreement",
-    "file_bytes",
-    "benchmark_onnx",
-    "format_benchmark",
-    "replace_initializers",
-    "to_sparse_matmul_onnx",
-    "sparse_matmul_session",
-    "SparseMatMulSession",
-    "INDEX_DTYPES",
+    "export_onnx", "load_onnx", "save_onnx", "to_sparse_tensor_loop", "to_sparse_tensor",
+    "sparse_tensor_to_dense_loop", "sparse_tensor_to_dense", "sparsify_onnx", "initializer_table", "quantize_int8",
+    "ort_session", "run_onnx", "check_agreement", "file_bytes",     "replace_initializers", "to_sparse_matmul_onnx", "sparse_matmul_session", "SparseMatMulSession", "INDEX_DTYPES",
     "WEIGHTS_SUFFIX",
 ]
 
@@ -647,69 +628,3 @@ def check_agreement(model: nn.Module, session, x, tol: float = 1e-4, min_argmax_
 def file_bytes(path) -> int:
     """Size of a file in bytes."""
     return _check_existing(path).stat().st_size
-
-
-# ---------------------------------------------------------------- benchmark
-
-
-def benchmark_onnx(
-    sessions: Mapping[str, object],
-    batches: Sequence[int] = (1, 64),
-    repeats: int = 20,
-    warmup: int = 3,
-    reference: str | None = None,
-    seed: int = 0,
-    clock: str = "wall",
-) -> list[dict]:
-    """Throughput of each session at each batch size, all timed interleaved in one run.
-
-    Every session must take the same input (its feature shape is read from
-    the first one); before timing, each is run once on the batch and must
-    return finite outputs of the same shape. Rows:
-    {"name", "batch", "median_s", "samples_per_s", "speedup"}, where speedup
-    is the reference's median time over this one's (above 1 = faster).
-    `clock="cpu"` times CPU seconds instead of wall seconds
-    (`chapter11.bench.compare`): steadier on a busy machine, and the same
-    thing for sessions created with `threads=1`.
-    """
-    names = list(sessions)
-    if not names:
-        raise ValueError("sessions must hold at least one session")
-    reference = names[0] if reference is None else reference
-    if reference not in sessions:
-        raise ValueError(f"reference {reference!r} is not one of {names}")
-    for b in batches:
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise ValueError(f"batches must hold positive ints, got {b!r}")
-    feature_shape = sessions[names[0]].get_inputs()[0].shape[1:]
-    if not all(isinstance(d, int) for d in feature_shape):
-        raise ValueError(f"the first session's input needs fixed feature sizes, got {feature_shape}")
-    rng = np.random.default_rng(seed)
-    rows = []
-    for b in batches:
-        x = rng.standard_normal((b, *feature_shape)).astype(np.float32)  # (B, features)
-        shapes = set()
-        for n in names:
-            out = run_onnx(sessions[n], x)
-            if not np.isfinite(out).all():
-                raise AssertionError(f"session {n!r} returned non-finite outputs at batch {b}")
-            shapes.add(out.shape)
-        if len(shapes) != 1:
-            raise AssertionError(f"sessions disagree on the output shape at batch {b}: {shapes}")
-        result = compare({n: (lambda s=sessions[n]: run_onnx(s, x)) for n in names}, repeats=repeats, warmup=warmup, reference=reference, clock=clock)
-        for n in names:
-            med = result["median_s"][n]
-            rows.append({"name": n, "batch": b, "median_s": med, "samples_per_s": b / med, "speedup": 1.0 / result["ratio"][n]})
-    return rows
-
-
-def format_benchmark(rows: Sequence[Mapping], sizes: Mapping[str, int] | None = None) -> str:
-    """A fixed-width table of `benchmark_onnx` rows (and file sizes in MB, if given)."""
-    header = f"{'model':<22}{'batch':>6}{'ms/call':>10}{'samples/s':>12}{'speedup':>9}" + (f"{'file MB':>9}" if sizes else "")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        line = f"{r['name']:<22}{r['batch']:>6}{r['median_s'] * 1e3:>10.2f}{r['samples_per_s']:>12,.0f}{r['speedup']:>8.2f}x"
-        if sizes:
-            line += f"{sizes[r['name']] / 1e6:>9.1f}" if r["name"] in sizes else f"{'':>9}"
-        lines.append(line)
-    return "\n".join(lines)

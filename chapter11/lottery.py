@@ -60,27 +60,9 @@ from .stats import Summary, summarize
 from .train import evaluate, model_device, progress, seed_everything
 
 __all__ = [
-    "LotteryConfig",
-    "LotteryResult",
-    "sparsity_schedule_loop",
-    "sparsity_schedule",
-    "snapshot",
-    "rewind_loop",
-    "rewind",
-    "rewind_error",
-    "random_masks_loop",
-    "random_masks",
-    "early_stop_loop",
-    "early_stop",
-    "holdout",
-    "batches",
-    "train_run",
-    "find_ticket",
-    "find_tickets",
-    "seed_curve",
-    "seed_table",
-    "load_lottery",
-    "CONTROLS",
+    "LotteryConfig", "LotteryResult", "sparsity_schedule_loop", "sparsity_schedule", "snapshot", "rewind_loop",
+    "rewind", "rewind_error", "random_masks_loop", "random_masks", "early_stop_loop", "early_stop", "holdout",
+    "batches", "train_run", "find_ticket", "find_tickets", "seed_curve", "seed_table", "load_lottery", "CONTROLS",
     "RUNS",
 ]
 

@@ -36,11 +36,10 @@ Covers: `wanda_scores`, `mask_from_scores`, `wanda_mask`, `sparsegpt_prune`
 prunes every Linear inside the decoder blocks of a LLaMA-like model
 (`model.model.layers`: LLaMA, Mistral, Qwen, our `tiny_llama`) block by block,
 each block calibrated on the outputs of the already-pruned blocks before it,
-and keeps the result as `<param>_mask` buffers (`chapter11.masks`). For
-experiments: `prune_and_evaluate` (prune a copy, measure perplexity),
-`prune_grid` (methods x patterns x calibration seeds), `calibration_ablation`
-(perplexity by amount of calibration text), `layer_means` and
-`statistics_bytes` (what each method must hold in memory).
+and keeps the result as `<param>_mask` buffers (`chapter11.masks`), and
+`statistics_bytes` (what each method must hold in memory). Notebook 09's
+grids over methods, patterns and calibration sizes live in
+`chapter11.experiments.exp09_oneshot`.
 
 But: no quantisation (SparseGPT's joint sparse + quantised variant), no
 outlier-aware or per-layer sparsity allocation (OWL), no channel permutation
@@ -63,27 +62,9 @@ from .sparsity import check_amount, check_sparsity
 from .train import model_device, progress
 
 __all__ = [
-    "METHODS",
-    "STAT_DTYPE",
-    "wanda_scores_loop",
-    "wanda_scores",
-    "mask_from_scores_loop",
-    "mask_from_scores",
-    "wanda_mask_loop",
-    "wanda_mask",
-    "sparsegpt_prune_loop",
-    "sparsegpt_prune",
-    "statistics_bytes",
-    "calibration_sequences",
-    "decoder_layers",
-    "PruneResult",
-    "prune_llm",
-    "prune_and_evaluate",
-    "prune_grid",
-    "calibration_ablation",
-    "ABLATION_RUN_NAME",
-    "ablation_run",
-    "layer_means",
+    "METHODS", "STAT_DTYPE", "wanda_scores_loop", "wanda_scores", "mask_from_scores_loop", "mask_from_scores",
+    "wanda_mask_loop", "wanda_mask", "sparsegpt_prune_loop", "sparsegpt_prune", "statistics_bytes",
+    "calibration_sequences", "decoder_layers", "PruneResult", "prune_llm",
 ]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -742,131 +723,6 @@ def prune_llm(
     return result
 
 
-def prune_and_evaluate(model: nn.Module, calibration: torch.Tensor | None, tokens: torch.Tensor, method: str = "wanda",
-                       sparsity: float | None = 0.5, n: int | None = None, m: int | None = None, seq_len: int = 128,
-                       batch_size: int = 8, **kwargs) -> tuple[float, PruneResult]:
-    """Prune a copy of `model` with `prune_llm` and return (its perplexity on `tokens`, the PruneResult).
-
-    `model` itself stays dense; perplexity runs over non-overlapping windows of
-    `seq_len` tokens (`chapter11.train.perplexity`). Extra keywords go to `prune_llm`.
-    """
-    import copy
-
-    from .train import perplexity
-
-    pruned = copy.deepcopy(model)
-    try:
-        result = prune_llm(pruned, calibration, method=method, sparsity=sparsity, n=n, m=m, batch_size=batch_size, **kwargs)
-        return perplexity(pruned, tokens, block_size=seq_len, batch_size=batch_size), result
-    finally:
-        del pruned
-
-
-def prune_grid(model: nn.Module, calibration_tokens: torch.Tensor, tokens: torch.Tensor, patterns: dict[str, dict],
-               seeds: Sequence[int] = (0,), methods: Sequence[str] = METHODS, num_sequences: int = 8, seq_len: int = 128,
-               measure_error: Sequence[str] = (), **kwargs) -> dict[tuple[str, str, int], tuple[float, PruneResult]]:
-    """Every method at every pattern and calibration seed: {(method, label, seed): (perplexity, PruneResult)}.
-
-    `patterns` maps a label to `prune_llm` keywords, e.g. {"50%": {"sparsity": 0.5},
-    "2:4": {"sparsity": None, "n": 2, "m": 4}}. For each seed, `num_sequences` windows of
-    `seq_len` tokens are drawn from `calibration_tokens` (`calibration_sequences`).
-    Magnitude uses no calibration data, so it runs once per pattern, under the first seed.
-    Wanda and SparseGPT also record per-layer output errors for the labels in
-    `measure_error` (first seed only). Extra keywords go to `prune_llm`.
-    """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
-    if not seeds:
-        raise ValueError("seeds must hold at least one seed")
-    runs = {}
-    for seed in seeds:
-        sample = calibration_sequences(calibration_tokens, num_sequences, seq_len, seed=seed)
-        for label, pattern in patterns.items():
-            for method in methods:
-                if method == "magnitude" and seed != seeds[0]:
-                    continue
-                measure = method != "magnitude" and label in measure_error and seed == seeds[0]
-                runs[method, label, seed] = prune_and_evaluate(model, None if method == "magnitude" else sample, tokens, method,
-                                                               seq_len=seq_len, measure_error=measure, **pattern, **kwargs)
-    return runs
-
-
-def calibration_ablation(model: nn.Module, calibration_tokens: torch.Tensor, tokens: torch.Tensor,
-                         sizes: Sequence[int], seeds: Sequence[int] = (0,), method: str = "wanda",
-                         sparsity: float = 0.5, seq_len: int = 128, **kwargs) -> dict[int, list[float]]:
-    """Held-out perplexity after pruning from `size` calibration sequences: {size: [perplexity per seed]}.
-
-    Seed `s` draws `calibration_sequences(calibration_tokens, size, seq_len, seed=s)`,
-    the same sample `prune_grid` draws for that size and seed, so the two can be
-    put side by side. Extra keywords go to `prune_llm`.
-    """
-    if method not in METHODS or method == "magnitude":
-        raise ValueError(f"method must use calibration data (wanda or sparsegpt), got {method!r}")
-    if not sizes or not seeds:
-        raise ValueError(f"sizes and seeds must be non-empty, got sizes={list(sizes)}, seeds={list(seeds)}")
-    out = {}
-    for size in sizes:
-        out[size] = []
-        for seed in seeds:
-            sample = calibration_sequences(calibration_tokens, size, seq_len, seed=seed)  # (size, seq_len)
-            ppl, _ = prune_and_evaluate(model, sample, tokens, method, sparsity=sparsity, seq_len=seq_len, **kwargs)
-            out[size].append(ppl)
-    return out
-
-
-ABLATION_RUN_NAME = "09_calibration_ablation"
-ABLATION_SETTINGS = {"method": "wanda", "sparsity": 0.5, "seq_len": 128, "eval_tokens": 1024,
-                     "sizes": [32, 64], "seeds": [0, 1, 2]}
-
-
-def ablation_run(command: str = "python -m chapter11.oneshot ablation") -> dict:
-    """The recorded run behind notebook 09's largest calibration sizes (32 and 64 sequences, three seeds).
-
-    Too slow for the notebook's budget, so it is run once and saved with
-    `save_full_run` as `benchmarks/full/09_calibration_ablation.json`; the
-    notebook loads it beside the sizes it runs itself.
-    """
-    from .data import pydoc_topics, text_tokens
-    from .models import load_smollm
-    from .report import load_full_run, save_full_run
-
-    s = ABLATION_SETTINGS
-    start = time.perf_counter()
-    model, tokenizer = load_smollm()
-    cal_tokens = text_tokens(tokenizer, pydoc_topics("calibration"))
-    eval_tokens = text_tokens(tokenizer, pydoc_topics("evaluation"), max_tokens=s["eval_tokens"] + 1)
-    ppl = calibration_ablation(model, cal_tokens, eval_tokens, s["sizes"], s["seeds"], method=s["method"],
-                               sparsity=s["sparsity"], seq_len=s["seq_len"], progress_bar=False)
-    save_full_run(ABLATION_RUN_NAME, {"perplexity": {str(k): v for k, v in ppl.items()}}, s, command,
-                  time.perf_counter() - start)
-    return load_full_run(ABLATION_RUN_NAME)
-
-
-def layer_means(values: dict[str, float], by: str = "projection") -> dict:
-    """Average per-layer numbers (e.g. `PruneResult.output_error`) by projection name or by block index.
-
-    >>> layer_means({"model.layers.0.mlp.up_proj.weight": 0.1, "model.layers.1.mlp.up_proj.weight": 0.3}, by="projection")
-    {'up_proj': 0.2}
-    >>> layer_means({"model.layers.0.mlp.up_proj.weight": 0.1, "model.layers.0.self_attn.q_proj.weight": 0.3}, by="block")
-    {0: 0.2}
-    """
-    if by not in ("projection", "block"):
-        raise ValueError(f"by must be 'projection' or 'block', got {by!r}")
-    groups: dict = {}
-    for name, value in values.items():
-        parts = name.split(".")
-        if by == "projection":
-            key = parts[-2]
-        else:
-            numbers = [p for p in parts if p.isdigit()]
-            if not numbers:
-                raise ValueError(f"values: {name!r} holds no block index")
-            key = int(numbers[0])
-        groups.setdefault(key, []).append(float(value))
-    return {key: sum(v) / len(v) for key, v in groups.items()}
-
-
 def _prefix(model: nn.Module, layer: nn.Module) -> str:
     for name, mod in model.named_modules():
         if mod is layer:
@@ -879,12 +735,3 @@ def _relative_error(W: torch.Tensor, W_new: torch.Tensor, G: torch.Tensor) -> fl
     W = W.to(G.dtype)
     D = W - W_new.to(G.dtype)  # (d_out, d_in)
     return float(((D @ G) * D).sum() / ((W @ G) * W).sum())
-
-
-if __name__ == "__main__":  # python -m chapter11.oneshot ablation: the recorded large-calibration runs of notebook 09
-    import sys
-
-    torch.set_num_threads(2)
-    if sys.argv[1:] != ["ablation"]:
-        raise SystemExit("usage: python -m chapter11.oneshot ablation")
-    ablation_run()

@@ -13,6 +13,10 @@ leaves the old file or the new one, never half of one. A crash can leave the
 hidden temporary file, named `.<target>.<pid>.<random>.tmp`; the next write to
 the same target removes those whose writer is gone (no process with that pid
 on this machine) and that are over a minute old, and any over a day old.
+
+Every recorded run also says what it ran on: `machine_info` (CPU, cores,
+threads, library versions, GPU) and `describe_machine` (one line of it).
+
 But: the pid test only knows this machine's processes; on a folder shared by
 several machines, a temporary file older than a minute whose writer runs
 elsewhere would be removed.
@@ -46,6 +50,8 @@ __all__ = [
     "FULL_RUNS",
     "save_full_run",
     "load_full_run",
+    "machine_info",
+    "describe_machine",
 ]
 
 RECORD_ENV = "CH11_RECORD_PATH"
@@ -207,6 +213,52 @@ def headline_table(records: dict[str, dict] | None = None) -> str:
 
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def machine_info() -> dict[str, str | int]:
+    """CPU model, cores, torch threads, library versions and the GPU, if any."""
+    import platform
+
+    import numpy
+    import torch
+
+    info: dict[str, str | int] = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+    }
+    for name in ("scipy", "onnxruntime", "numba", "transformers"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = "not installed"
+    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    # thread-pool settings change timings (see chapter11.bench.QUIET_POOLS), so they are part of the record
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT", "OMP_NUM_THREADS") if k in os.environ]
+    info["thread_env"] = " ".join(env) or "defaults"
+    return info
+
+
+def describe_machine() -> str:
+    """One line for a benchmark header."""
+    i = machine_info()
+    return f"{i['cpu']}, {i['cores']} cores ({i['torch_threads']} torch threads), torch {i['torch']}, GPU: {i['gpu']}"
+
+
 def _commit() -> str:
     import subprocess
 
@@ -222,14 +274,12 @@ def _commit() -> str:
 def save_full_run(name: str, results: dict, settings: dict, command: str, seconds: float, folder: str | os.PathLike | None = None) -> Path:
     """Write a recorded full run (`CH11_FULL=1`) to `benchmarks/full/<name>.json`.
 
-    The file holds the date (UTC), the machine (`chapter11.bench.machine_info`),
+    The file holds the date (UTC), the machine (`machine_info`),
     the commit, the exact `command`, the `settings` the run used, its wall
     time in `seconds` and the `results`; notebooks load it with
     `load_full_run(name)` and label what they plot from it as recorded.
     """
     import datetime
-
-    from .bench import machine_info
 
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"name must be a plain file stem, got {name!r}")

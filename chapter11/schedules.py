@@ -18,16 +18,15 @@ decreases and ends at the final sparsity.
 Each schedule has a `_loop` twin; `plot_schedules` draws them side by side.
 
 Comparing schedules is only fair at equal cost, so `split_budget` shares one
-budget of fine-tuning steps among the stages, `prune_and_finetune` prunes
-along a schedule spending exactly that budget, and `equal_budget_sweep`
-compares, at several target sparsities, one-shot and iterative magnitude
-pruning, a random mask and the dense model, each given the same number of
-optimizer steps (`sweep_curve` summarises it over seeds).
+budget of fine-tuning steps among the stages and `prune_and_finetune` prunes
+along a schedule spending exactly that budget. Notebook 01's comparison of
+schedules at equal budgets, against a random mask and the dense model, is
+`chapter11.experiments.exp01_schedules.equal_budget_sweep`.
 
 But: schedules only say *how much*; *which* weights go is the criterion's job
-(`chapter11.magnitude`). The sweep fine-tunes with a fresh Adam per stage and
-a fixed number of steps: no early stopping inside it and no learning-rate
-schedule; the random-mask control comes from `chapter11.lottery`.
+(`chapter11.magnitude`). `prune_and_finetune` fine-tunes with a fresh Adam
+per stage and a fixed number of steps: no early stopping inside it and no
+learning-rate schedule.
 
     >>> [round(s, 3) for s in iterative_schedule(0.8, stages=3)]
     [0.415, 0.658, 0.8]
@@ -37,7 +36,6 @@ schedule; the random-mask control comes from `chapter11.lottery`.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Real
@@ -46,34 +44,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .lottery import random_masks
-from .magnitude import global_magnitude_masks, iterative_magnitude_pruning, layerwise_magnitude_masks, masks_sparsity
-from .masks import apply_masks, masks_of
+from .magnitude import iterative_magnitude_pruning
 from .sparsity import check_sparsity
-from .stats import Summary, summarize
 from .train import train
 
 __all__ = [
-    "cubic_sparsity_loop",
-    "cubic_sparsity",
-    "one_shot_schedule_loop",
-    "one_shot_schedule",
-    "iterative_schedule_loop",
-    "iterative_schedule",
-    "iterative_rate",
-    "linear_schedule_loop",
-    "linear_schedule",
-    "cubic_schedule_loop",
-    "cubic_schedule",
-    "make_schedule",
-    "SCHEDULES",
-    "plot_schedules",
-    "split_budget_loop",
-    "split_budget",
-    "prune_and_finetune",
-    "SWEEP_METHODS",
-    "equal_budget_sweep",
-    "sweep_curve",
+    "cubic_sparsity_loop", "cubic_sparsity", "one_shot_schedule_loop", "one_shot_schedule",
+    "iterative_schedule_loop", "iterative_schedule", "iterative_rate", "linear_schedule_loop", "linear_schedule",
+    "cubic_schedule_loop", "cubic_schedule", "make_schedule", "SCHEDULES", "plot_schedules", "split_budget_loop",
+    "split_budget", "prune_and_finetune",
 ]
 
 
@@ -377,6 +356,8 @@ def prune_and_finetune(
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> loader = [(torch.randn(5, 4), torch.randint(0, 2, (5,)))] * 3
     >>> rows = prune_and_finetune(model, [0.5, 0.75], loader, total_steps=5)
+    >>> from chapter11.magnitude import masks_sparsity
+    >>> from chapter11.masks import masks_of
     >>> [(r["target"], r["steps"]) for r in rows], round(masks_sparsity(masks_of(model)), 2)
     ([(0.5, 3), (0.75, 2)], 0.75)
     """
@@ -396,149 +377,3 @@ def prune_and_finetune(
     return rows
 
 
-SWEEP_METHODS = ("one-shot", "iterative", "cubic", "random", "dense")
-
-
-def _measure(model: nn.Module, metrics: Mapping[str, Callable[[nn.Module], float]]) -> dict[str, float]:
-    return {name: float(fn(model)) for name, fn in metrics.items()}
-
-
-def equal_budget_sweep(
-    dense: nn.Module,
-    targets: Sequence[float],
-    train_loader: Iterable,
-    total_steps: int,
-    metrics: Mapping[str, Callable[[nn.Module], float]],
-    stages: int = 10,
-    lr: float = 1e-3,
-    scope: str = "global",
-    seed: int = 0,
-    methods: Sequence[str] = SWEEP_METHODS,
-    keep_stages: Iterable[float] = (),
-    stage_metric: str | None = None,
-    keep_models: bool = False,
-) -> list[dict]:
-    """Compare pruning methods on copies of a trained `dense` model, every one with `total_steps` optimizer steps.
-
-    For each target sparsity s:
-
-    - "one-shot": magnitude-prune to s at once (scope "global" or
-      "layerwise"), then fine-tune `total_steps` steps;
-    - "iterative": `iterative_schedule(s, stages)`, the same budget shared
-      among the stages by `split_budget`;
-    - "cubic": `cubic_schedule(s, stages)` (Zhu & Gupta), budget shared the same way;
-    - "random": a random mask with the one-shot mask's count in every layer
-      (seeded by `seed`), on the trained weights, then the same fine-tune.
-
-    And once, "dense": the unpruned copy trained `total_steps` more steps,
-    so a pruned model is never compared with a dense one that trained less.
-
-    Returns one row per run: {"method", "target", "sparsity" (measured over
-    the masks), "steps" (optimizer steps taken), "after" (metrics at the
-    end)}; one-shot, random and dense rows also hold "pruned" (metrics right
-    after pruning, before any training: the accuracy cliff), and "iterative"
-    and "cubic" rows for targets in `keep_stages` hold "stages", the per-stage rows of
-    `prune_and_finetune` measured with `metrics[stage_metric]` (default: the
-    first metric). With `keep_models` every row also holds its trained
-    "model". `metrics` maps names to model -> float functions (e.g.
-    validation and test accuracy); `dense` itself is not changed.
-
-    >>> torch.manual_seed(0) is not None
-    True
-    >>> dense = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    >>> loader = [(torch.randn(5, 4), torch.randint(0, 2, (5,)))] * 4
-    >>> rows = equal_budget_sweep(dense, [0.5], loader, 4, {"w": lambda m: float(m[0].weight.detach().abs().sum())}, stages=2)
-    >>> [(r["method"], r["steps"], round(r["sparsity"], 2)) for r in rows]
-    [('one-shot', 4, 0.5), ('iterative', 4, 0.5), ('cubic', 4, 0.5), ('random', 4, 0.5), ('dense', 4, 0.0)]
-    """
-    if not isinstance(dense, nn.Module):
-        raise TypeError(f"dense must be an nn.Module, got {type(dense).__name__}")
-    if masks_of(dense):
-        raise ValueError("dense must be unpruned: it already holds masks")
-    targets = [check_sparsity(t, "targets") for t in targets]
-    if not targets:
-        raise ValueError("targets must hold at least one sparsity")
-    unknown = [m for m in methods if m not in SWEEP_METHODS]
-    if unknown or not methods:
-        raise ValueError(f"methods must be a non-empty subset of {SWEEP_METHODS}, got {list(methods)!r}")
-    if not isinstance(metrics, Mapping) or not metrics or not all(callable(f) for f in metrics.values()):
-        raise TypeError("metrics must map names to callables model -> float, e.g. {'val': ..., 'test': ...}")
-    if scope not in ("global", "layerwise"):
-        raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
-    _check_budget(total_steps, stages)
-    keep_stages = {check_sparsity(t, "keep_stages") for t in keep_stages}
-    stage_metric = next(iter(metrics)) if stage_metric is None else stage_metric
-    if stage_metric not in metrics:
-        raise ValueError(f"stage_metric must be one of {list(metrics)}, got {stage_metric!r}")
-    mask_fn = global_magnitude_masks if scope == "global" else layerwise_magnitude_masks
-    rows = []
-    for s in targets:
-        for method in [m for m in methods if m != "dense"]:
-            model = copy.deepcopy(dense)
-            row = {"method": method, "target": s}
-            if method in ("iterative", "cubic"):
-                metric_fn = metrics[stage_metric] if s in keep_stages else None
-                schedule = iterative_schedule(s, stages) if method == "iterative" else cubic_schedule(s, stages)
-                stage_rows = prune_and_finetune(model, schedule, train_loader, total_steps, lr=lr, scope=scope, metric_fn=metric_fn)
-                row["steps"] = sum(r["steps"] for r in stage_rows)
-                if s in keep_stages:
-                    row["stages"] = stage_rows
-            else:
-                if method == "one-shot":
-                    masks = mask_fn(model, s)
-                else:
-                    masks = random_masks(mask_fn(model, s), seed=seed)
-                apply_masks(model, masks)
-                row["pruned"] = _measure(model, metrics)
-                if total_steps > 0:
-                    train(model, train_loader, lr=lr, max_steps=total_steps, progress_bar=False, desc=method)
-                row["steps"] = total_steps
-            row["sparsity"] = masks_sparsity(masks_of(model))
-            row["after"] = _measure(model, metrics)
-            if keep_models:
-                row["model"] = model
-            rows.append(row)
-    if "dense" in methods:
-        model = copy.deepcopy(dense)
-        if total_steps > 0:
-            train(model, train_loader, lr=lr, max_steps=total_steps, progress_bar=False, desc="dense")
-        row = {"method": "dense", "target": 0.0, "sparsity": 0.0, "steps": total_steps, "pruned": _measure(dense, metrics), "after": _measure(model, metrics)}
-        if keep_models:
-            row["model"] = model
-        rows.append(row)
-    return rows
-
-
-def sweep_curve(sweeps: Sequence[Sequence[Mapping]], method: str, metric: str, when: str = "after") -> tuple[list[float], list[Summary]]:
-    """(targets, [Summary over seeds per target]) of one method from several `equal_budget_sweep`s.
-
-    `sweeps[i]` is the sweep of seed i; every sweep must hold the same
-    targets for `method`. `when` is "after" (fine-tuned) or "pruned".
-
-    >>> one = [{"method": "random", "target": 0.5, "after": {"acc": 0.6}}]
-    >>> two = [{"method": "random", "target": 0.5, "after": {"acc": 0.8}}]
-    >>> xs, ys = sweep_curve([one, two], "random", "acc")
-    >>> xs, round(ys[0].mean, 2), ys[0].n
-    ([0.5], 0.7, 2)
-    """
-    if when not in ("after", "pruned"):
-        raise ValueError(f"when must be 'after' or 'pruned', got {when!r}")
-    per_seed = []
-    for sweep in sweeps:
-        rows = {r["target"]: r for r in sweep if r["method"] == method}
-        if not rows:
-            raise ValueError(f"method {method!r} is not in the sweep; it holds {sorted({r['method'] for r in sweep})}")
-        per_seed.append(rows)
-    targets = sorted(per_seed[0])
-    if any(sorted(rows) != targets for rows in per_seed):
-        raise ValueError(f"every sweep must hold the same targets for {method!r}")
-    values = []
-    for t in targets:
-        column = []
-        for rows in per_seed:
-            measured = rows[t].get(when)
-            if measured is None or metric not in measured:
-                raise ValueError(f"{method!r} at {t}: no {when!r} value of metric {metric!r}")
-            column.append(measured[metric])
-        values.append(summarize(column))
-    return targets, values

@@ -18,7 +18,7 @@
 # Everything lands in $OUT (default benchmarks/gpu): semi_structured.json,
 # cuda_csr.json, full_runs_cuda.json (+ full/ for files notebooks recorded),
 # logs. Run on a lent machine, copy $OUT's files into benchmarks/gpu/ here:
-# notebook 08 and chapter11.nm.recorded_gpu_results read them from there.
+# notebook 08 and chapter11.experiments.exp08_kernels.recorded_gpu_results read them from there.
 # Nothing in this script types a number: all come from the JSON it writes.
 set -uo pipefail
 OUT="${OUT:-benchmarks/gpu}"
@@ -52,7 +52,8 @@ say "stage 3: CUDA CSR"
 timeout 60 "$PY" - "$OUT" > "$OUT/cuda_csr.txt" 2>&1 <<'PYEOF'
 import datetime, json, sys, torch
 from chapter11.bench import machine_info
-from chapter11.nm import cuda_csr_benchmark, gpu_skip_reason
+from chapter11.experiments.exp08_kernels import cuda_csr_benchmark
+from chapter11.nm import gpu_skip_reason
 from chapter11.report import atomic_write_text
 result = {"what": "torch CUDA CSR (cuSPARSE) vs dense fp32 matmul, 4096 x 4096", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
           "machine": machine_info(), "skip_reason": None if torch.cuda.is_available() else gpu_skip_reason()}

@@ -186,16 +186,20 @@ def test_recorded_runs_say_where_each_file_came_from(tmp_path):
         recorded_runs(folder=tmp_path)
 
 
-def test_bench_harness_imports_no_method_module():
-    # csr, export and structured.channels import the harness; it must not import them back
+def test_bench_harness_imports_only_the_core():
+    # the drivers import the harness; importing it loads no method, driver or command-line module
     code = "import sys, chapter11.bench; print(sorted(m for m in sys.modules if m.startswith('chapter11.')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    loaded = set(eval(out))
-    assert not loaded & {"chapter11.csr", "chapter11.export", "chapter11.nm", "chapter11.structured.channels", "chapter11.__main__"}, loaded
+    assert set(eval(out)) <= {"chapter11", "chapter11.bench", "chapter11.report"}, out
+
+
+def test_old_bench_entry_point_says_where_the_drivers_are():
+    done = subprocess.run([sys.executable, "-m", "chapter11.bench", "sparse"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "python -m chapter11 bench sparse" in done.stderr
 
 
 def test_bench_command_line_dispatch(capsys):
-    from chapter11.__main__ import BENCHMARKS, bench_main
+    from chapter11.experiments.benchmarks import BENCHMARKS, bench_main
 
     assert set(BENCHMARKS) == {"masks", "sparse", "structured", "semi"}
     assert bench_main([]) == 2 and "usage: python -m chapter11 bench NAME" in capsys.readouterr().err
@@ -206,7 +210,7 @@ def test_bench_command_line_dispatch(capsys):
 
 
 def test_bench_command_line_restarts_with_quiet_pools(tmp_path):
-    # (tests/test_csr.py checks the same for the old entry point, python -m chapter11.bench)
+    # (tests/test_csr.py checks the same for the sparse benchmark)
     entry = ["-m", "chapter11", "bench"]
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "CUDA_VISIBLE_DEVICES")}
     env["CUDA_VISIBLE_DEVICES"] = ""  # the semi benchmark then only says why it skipped: a fast, GPU-free run
@@ -221,7 +225,7 @@ def test_bench_command_line_restarts_with_quiet_pools(tmp_path):
 
 
 def test_bench_masks_command_writes_json(tmp_path):
-    from chapter11.bench import masks_main
+    from chapter11.experiments.benchmarks import masks_main
 
     out = tmp_path / "masks.json"
     assert masks_main(["--steps", "1", "--sizes", "32,64,10", "--json", str(out)]) == 0

@@ -15,17 +15,12 @@ from chapter11.csr import (
     NUMBA_MIN_BATCH,
     SparseLinear,
     _backend,
-    benchmark,
-    benchmark_main,
-    crossover_sparsity,
     csr_matmul,
     csr_matmul_loop,
     csr_matvec,
     csr_matvec_loop,
     csr_nbytes,
     index_dtype_for,
-    matmul_variants,
-    matvec_variants,
     sparsify,
     storage_bytes,
     to_csr,
@@ -34,6 +29,8 @@ from chapter11.csr import (
     to_dense_loop,
     traffic_limit,
 )
+from chapter11.experiments.exp08_kernels import matmul_variants, matvec_variants
+from chapter11.experiments.exp08_kernels import benchmark, sparse_main, crossover_sparsity
 
 
 BACKENDS_HERE = ("auto", "numba") + (("mkl",) if torch.backends.mkl.is_available() else ())
@@ -399,7 +396,7 @@ def test_bench_command_line_quiets_openblas(tmp_path):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
-    cmd = [sys.executable, "-m", "chapter11.bench", "sparse", "--size", "16", "--repeats", "1", "--min-time", "0", "--plot", ""]
+    cmd = [sys.executable, "-m", "chapter11", "bench", "sparse", "--size", "16", "--repeats", "1", "--min-time", "0", "--plot", ""]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "OPENBLAS_THREAD_TIMEOUT=4" in done.stdout  # restarted itself with the setting, recorded in machine info
@@ -410,9 +407,40 @@ def test_bench_command_line_quiets_openblas(tmp_path):
 
 def test_benchmark_main_writes_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "rows.json", tmp_path / "plot.png"
-    benchmark_main(["--size", "48", "--repeats", "1", "--min-time", "0", "--json", str(out), "--plot", str(png)])
+    sparse_main(["--size", "48", "--repeats", "1", "--min-time", "0", "--json", str(out), "--plot", str(png)])
     rows = json.loads(out.read_text())
     assert len(rows) == 5 * 2 * 4
     assert png.stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "limit" in printed and "beats dense" in printed
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(indices=[0, 1, 30000, 32000], indptr=[0, 2, 4], shape=(2, 4)), "indices: column 32000 is outside the 4 columns"),
+    (dict(indices=[0, 1, -1, 2], indptr=[0, 2, 4], shape=(2, 4)), "indices: column -1"),
+    (dict(indices=[0, 1, 2, 3], indptr=[0, 3, 2, 4], shape=(3, 4)), "indptr must never decrease"),
+    (dict(indices=[0, 1, 2, 3], indptr=[1, 2, 4], shape=(2, 4)), "indptr must start at 0 and end at nnz = 4"),
+    (dict(indices=[0, 1, 2, 3], indptr=[0, 2, 3], shape=(2, 4)), "end at nnz = 4"),
+    (dict(indices=[0, 1, 2, 3], indptr=[0, 2, 4], shape=(3, 4)), "indptr must have rows \\+ 1 = 4 entries"),
+    (dict(indices=[0, 1, 2], indptr=[0, 2, 4], shape=(2, 4)), "indices and data must have the same length"),
+    (dict(indices=[0, 1, 2, 3], indptr=[0, 2, 4], shape=(2, -4)), "shape must be two non-negative ints"),
+    (dict(indices=[0.0, 1.0, 2.0, 3.0], indptr=[0, 2, 4], shape=(2, 4)), "indices must hold integers"),
+    (dict(indices=[[0, 1, 2, 3]], indptr=[0, 2, 4], shape=(2, 4)), "indices must be 1-D"),
+])
+def test_csr_refuses_inconsistent_arrays(fields, message):
+    # the numba kernels read data/indices/indptr without bounds checks: a CSR that is not consistent never exists
+    data = np.ones(4, dtype=np.float32)
+    with pytest.raises((ValueError, TypeError), match=message):
+        CSR(data, **{k: np.asarray(v) for k, v in fields.items() if k != "shape"}, shape=fields["shape"])
+
+
+def test_csr_checks_values_and_accepts_what_it_built():
+    with pytest.raises(TypeError, match="data must hold float16, float32 or float64"):
+        CSR(np.ones(2, dtype=np.int32), np.array([0, 1]), np.array([0, 2]), (1, 2))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        CSR(np.array([1.0, np.nan], dtype=np.float32), np.array([0, 1]), np.array([0, 2]), (1, 2))
+    A = CSR(np.array([2.0, 3.0], dtype=np.float32), [1, 0], [0, 1, 2], (2, 2))  # lists become arrays, checked
+    assert isinstance(A.indices, np.ndarray) and to_dense(A).tolist() == [[0.0, 2.0], [3.0, 0.0]]
+    W = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 3.0]])
+    for built in (to_csr(W), to_csr_loop(W)):
+        assert torch.equal(to_dense(built), W)

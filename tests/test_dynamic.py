@@ -24,11 +24,11 @@ from chapter11.dynamic import (
     random_mask,
     random_masks,
     reset_optimizer_state,
-    compare_methods,
-    train_sparse,
     training_flops,
     training_flops_loop,
 )
+from chapter11.experiments.exp06_dynamic import train_sparse
+from chapter11.experiments.exp06_dynamic import compare_methods
 from chapter11.masks import masks_of
 from chapter11.models import LeNet300100, SmallCNN
 from chapter11.train import train

@@ -9,12 +9,11 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
+from chapter11.experiments.exp05_onnx import benchmark_onnx, format_benchmark
 from chapter11.export import (
-    benchmark_onnx,
     check_agreement,
     export_onnx,
     file_bytes,
-    format_benchmark,
     initializer_table,
     load_onnx,
     ort_session,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from chapter11 import movement as mv
+from chapter11.experiments import exp03_movement as ex3
 from chapter11.report import load_full_run
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "03_movement_vs_magnitude.ipynb"
@@ -21,12 +21,12 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "03_movement_v
 
 @pytest.fixture(scope="module")
 def grid():
-    return load_full_run(mv.FULL_RUN_NAME)
+    return load_full_run(ex3.FULL_RUN_NAME)
 
 
 @pytest.fixture(scope="module")
 def lm():
-    return load_full_run(mv.LM_FULL_RUN_NAME)
+    return load_full_run(ex3.LM_FULL_RUN_NAME)
 
 
 def _notebook_text() -> str:
@@ -49,14 +49,14 @@ def _assert_every_run_is_there(runs, settings):
 
 
 def test_grid_record_matches_the_notebook_settings(grid):
-    assert grid["settings"] == mv.GridSettings().as_dict()
+    assert grid["settings"] == ex3.GridSettings().as_dict()
     assert grid["command"] and grid["commit"] and grid["machine"]
     source = NOTEBOOK.read_text()
     assert "GridSettings()" in source and "load_full_run(FULL_RUN_NAME)" in source
 
 
 def test_grid_record_is_complete_and_every_target_is_reached(grid):
-    s = mv.GridSettings()
+    s = ex3.GridSettings()
     runs = grid["results"]["runs"]
     _assert_every_run_is_there(runs, s)
     for r in runs:
@@ -68,7 +68,7 @@ def test_grid_record_is_complete_and_every_target_is_reached(grid):
 
 
 def test_live_minilm_results_lie_inside_the_recorded_spread(grid):
-    summaries = mv.grid_summaries(grid["results"]["runs"])
+    summaries = ex3.grid_summaries(grid["results"]["runs"])
     live = re.findall(r"^live (magnitude|hard|soft|mixed|dense)\s+sparsity ([\d.]+)\s+val ([\d.]+)\s+test ([\d.]+)",
                       _notebook_text(), flags=re.M)
     assert live, "notebook 03 must print its live results as 'live <method> sparsity .. val .. test ..'"
@@ -80,7 +80,7 @@ def test_live_minilm_results_lie_inside_the_recorded_spread(grid):
 
 
 def test_lm_record_matches_settings_and_is_complete(lm):
-    s = mv.LMSettings()
+    s = ex3.LMSettings()
     assert lm["settings"] == s.as_dict()
     runs = lm["results"]["runs"]
     _assert_every_run_is_there(runs, s)
@@ -105,12 +105,12 @@ def test_live_lm_results_lie_inside_the_recorded_spread(lm):
 
 
 def test_first_cut_record_matches_the_notebook_and_holds_every_seed():
-    fc = load_full_run(mv.FIRST_CUT_NAME)
+    fc = load_full_run(ex3.FIRST_CUT_NAME)
     sparsities = ["0.01", "0.03", "0.1"]
-    assert fc["settings"] == {**mv.GridSettings().as_dict(), "first_cut_sparsities": [float(s) for s in sparsities]}
-    assert sorted(fc["results"]) == [str(seed) for seed in mv.GridSettings().seeds]
+    assert fc["settings"] == {**ex3.GridSettings().as_dict(), "first_cut_sparsities": [float(s) for s in sparsities]}
+    assert sorted(fc["results"]) == [str(seed) for seed in ex3.GridSettings().seeds]
     for r in fc["results"].values():
-        assert r["steps"] == int(mv.GridSettings().warmup_frac * mv.GridSettings().steps)
+        assert r["steps"] == int(ex3.GridSettings().warmup_frac * ex3.GridSettings().steps)
         for kind in ("movement", "movement_eq4", "magnitude", "random"):
             assert sorted(r[kind]) == sparsities and sorted(r["removed_abs_w"][kind]) == sparsities
     source = NOTEBOOK.read_text()
@@ -118,13 +118,13 @@ def test_first_cut_record_matches_the_notebook_and_holds_every_seed():
 
 
 def test_more_seeds_record_matches_its_settings_and_is_complete():
-    more = load_full_run(mv.MORE_SEEDS_NAME)
-    s = mv.more_seeds_settings()
+    more = load_full_run(ex3.MORE_SEEDS_NAME)
+    s = ex3.more_seeds_settings()
     assert more["settings"] == s.as_dict()
-    assert set(s.seeds).isdisjoint(mv.GridSettings().seeds)
+    assert set(s.seeds).isdisjoint(ex3.GridSettings().seeds)
     seen = {(r["method"], r["target"], r["seed"]) for r in more["results"]["runs"]}
     assert seen == {("dense", 0.0, seed) for seed in s.seeds} | {(m, 0.97, seed) for m in s.methods for seed in s.seeds}
     for r in more["results"]["runs"]:
         assert r["steps"] == s.steps and (r["method"] == "dense" or abs(r["sparsity"] - 0.97) < 1e-4)
-        assert r["method"] != "soft" or r["penalty"] == load_full_run(mv.FULL_RUN_NAME)["results"]["penalty"]
+        assert r["method"] != "soft" or r["penalty"] == load_full_run(ex3.FULL_RUN_NAME)["results"]["penalty"]
     assert "load_full_run(MORE_SEEDS_NAME)" in NOTEBOOK.read_text()

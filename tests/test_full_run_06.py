@@ -81,7 +81,7 @@ def test_record_is_complete(record):
 @pytest.mark.parametrize("sparsity,method", [(0.9, "static"), (0.98, "rigl")])
 def test_a_live_seed_lies_inside_the_recorded_spread(record, sparsity, method):
     from chapter11.data import loaders, mnist1d
-    from chapter11.dynamic import train_sparse
+    from chapter11.experiments.exp06_dynamic import train_sparse
     from chapter11.models import LeNet300100
     from chapter11.train import evaluate, seed_everything
 

@@ -111,7 +111,7 @@ def test_recorded_orderings_hold_on_average(recorded):
 
 def test_large_calibration_record_matches_the_full_run(recorded):
     """benchmarks/full/09_calibration_ablation.json: 32 and 64 sequences, the same method, seeds and evaluation."""
-    from chapter11.oneshot import ABLATION_RUN_NAME, ABLATION_SETTINGS
+    from chapter11.experiments.exp09_oneshot import ABLATION_RUN_NAME, ABLATION_SETTINGS
 
     large = load_full_run(ABLATION_RUN_NAME)
     s, full = large["settings"], recorded["settings"]

@@ -6,20 +6,18 @@ import pytest
 import torch
 
 from chapter11.models import TransformerClassifier, load_minilm, tiny_llama
+from chapter11.structured.checkpoint import PLAN_FILE, load_pruned, save_pruned
 from chapter11.structured.heads import (
-    PLAN_FILE,
     attention_layers,
     forward_macs,
     head_gates,
     head_importance,
     head_importance_loop,
     kept_heads,
-    load_pruned,
     mask_heads,
     plan_from_order,
     remove_heads,
     removal_order,
-    save_pruned,
 )
 
 torch.set_num_threads(2)
@@ -545,23 +543,67 @@ def test_plan_from_another_save_is_refused(tmp_path):
         load_pruned(b)
 
 
-def test_mismatched_plan_without_checksums_gives_clear_error(tmp_path):
+def _write_plan(folder, plan, reseal=True):
+    from chapter11.structured.checkpoint import _plan_digest
+
+    if reseal:  # a plan edited with its checksum recomputed: the deeper checks must still catch it
+        plan["plan_sha256"] = _plan_digest(plan)
+    (folder / PLAN_FILE).write_text(json.dumps(plan))
+
+
+def test_mismatched_plan_gives_clear_error(tmp_path):
     folder = save_pruned(remove_heads(_gqa(), {0: [1, 4]}), tmp_path / "a")
     plan = json.loads((folder / PLAN_FILE).read_text())
-    del plan["files"]
     plan["kept_heads"]["0"] = [0, 1, 2, 3, 4, 5]  # claims layer 0 is whole
-    (folder / PLAN_FILE).write_text(json.dumps(plan))
+    _write_plan(folder, plan)
     with pytest.raises(ValueError, match=r"do not match .*_proj.weight is \(\d+, \d+\) in the checkpoint but \(48, 48\) under the plan"):
         load_pruned(folder)
     plan["kept_heads"]["0"] = [0, 1, 3]  # an uneven grouped plan
-    (folder / PLAN_FILE).write_text(json.dumps(plan))
+    _write_plan(folder, plan)
     with pytest.raises(ValueError, match="cannot be applied.*key/value group"):
         load_pruned(folder)
     for bad in ({"0": [0, 0, 1], "1": [0]}, {"0": [7]}, {"0": [1.5], "1": [0]}, {"0": [], "1": [0]}):
         plan["kept_heads"] = bad
-        (folder / PLAN_FILE).write_text(json.dumps(plan))
+        _write_plan(folder, plan)
         with pytest.raises(ValueError, match="pruning plan"):
             load_pruned(folder)
+    plan["kept_heads"] = {"0": [0, 2, 3, 5], "1": list(range(6))}  # valid again, but:
+    del plan["files"]  # a plan without checksums of the files is refused
+    _write_plan(folder, plan)
+    with pytest.raises(ValueError, match="'files' must map"):
+        load_pruned(folder)
+
+
+def test_relabelled_heads_are_caught_by_the_plan_checksum(tmp_path):
+    folder = save_pruned(remove_heads(_gqa(), {0: [1, 4]}), tmp_path / "a")
+    plan = json.loads((folder / PLAN_FILE).read_text())
+    plan["kept_heads"]["0"] = [1, 2, 4, 5]  # same number of heads and groups, other ids: the shapes would still fit
+    _write_plan(folder, plan, reseal=False)
+    with pytest.raises(ValueError, match="does not match its own checksum"):
+        load_pruned(folder)
+    plan["format"] = "chapter11.heads/2"
+    _write_plan(folder, plan)
+    with pytest.raises(ValueError, match="save it again"):
+        load_pruned(folder)
+
+
+@pytest.mark.parametrize("path", [
+    "transformers.dynamic_module_utils.get_class_from_dynamic_module",  # would import evil.py from the folder
+    "chapter11.report.atomic_write_text",  # would write a file named by config.json
+    "transformers.models.llama.modeling_llama.LlamaRMSNorm",  # a transformers class, but not a model
+    "transformers.models.evil.modeling_evil.LlamaForCausalLM",  # an exported name under another module path
+    "builtins.eval",
+    "os.system",
+])
+def test_load_pruned_calls_nothing_the_checkpoint_names(tmp_path, path):
+    folder = save_pruned(remove_heads(_gqa(), {0: [1, 4]}), tmp_path / "a")
+    (folder / "evil.py").write_text("raise SystemExit('evil code ran')\n")
+    plan = json.loads((folder / PLAN_FILE).read_text())
+    plan["class"] = path
+    _write_plan(folder, plan)
+    with pytest.raises(ValueError, match="not a model load_pruned rebuilds"):
+        load_pruned(folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*plan["files"], PLAN_FILE, "evil.py"])  # nothing written
     (folder / PLAN_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_pruned(folder)

@@ -8,7 +8,8 @@ import torch
 
 from chapter11.masks import apply_masks, masks_of
 from chapter11.models import tiny_llama
-from chapter11.structured.heads import attention_layers, forward_macs, kept_heads, load_pruned, remove_heads, save_pruned
+from chapter11.structured.heads import attention_layers, forward_macs, kept_heads, remove_heads
+from chapter11.structured.checkpoint import load_pruned, save_pruned
 from chapter11.structured.llm import (
     PARTS,
     block_influence,
@@ -18,7 +19,6 @@ from chapter11.structured.llm import (
     macs_by_part,
     macs_per_token,
     mask_neurons,
-    measure_speed,
     mlp_widths,
     neuron_importance,
     neuron_scores,
@@ -26,8 +26,8 @@ from chapter11.structured.llm import (
     parameter_count,
     remove_blocks,
     remove_neurons,
-    time_by_part,
 )
+from chapter11.experiments.exp04_heads import measure_speed, time_by_part
 
 torch.set_num_threads(2)
 

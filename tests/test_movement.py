@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from chapter11 import movement as mv
+from chapter11.experiments import exp03_movement as ex3
 
 
 def _history(T=3, shape=(3, 4), seed=0):
@@ -32,7 +33,7 @@ def test_movement_scores_hand_computed():
 
 
 def test_weight_moving_toward_zero_scores_lower_and_is_pruned():
-    ex = mv.sign_example(lr=0.1, steps=3)
+    ex = ex3.sign_example(lr=0.1, steps=3)
     w_final = ex["weights"][-1]
     assert w_final[0] < 1.0 < w_final[1]  # w1 shrinks toward 0, w2 grows away
     S = ex["sanh"]
@@ -248,7 +249,7 @@ def test_masked_linear_on_a_minilm_layer():
     except Exception as exc:  # package not installed
         pytest.skip(f"MiniLM not available: {exc}")
     model.eval()
-    models_keep = mv.keep_encoder_layers(model, 1)
+    models_keep = ex3.keep_encoder_layers(model, 1)
     assert models_keep.config.num_hidden_layers == 1
     ids = torch.randint(1000, 2000, (2, 8))
     with torch.no_grad():
@@ -273,13 +274,13 @@ def test_fine_prune_small_run_reaches_target():
     ids = torch.randint(0, 50, (64, 8), generator=g)
     y = (ids[:, 0] < 25).long()
     ds = torch.utils.data.TensorDataset(ids, torch.ones_like(ids), y)
-    task = mv.DocstringTask(ds, ds, ["a", "b"], [32, 32], [32, 32])
+    task = ex3.DocstringTask(ds, ds, ["a", "b"], [32, 32], [32, 32])
     mv.wrap_linears(model, "hard")
-    result = mv.fine_prune(model, task, "hard", 0.8, mv.FinePruneConfig(steps=12, batch_size=16), trace_every=4)
+    result = ex3.fine_prune(model, task, "hard", 0.8, ex3.FinePruneConfig(steps=12, batch_size=16), trace_every=4)
     assert abs(result.sparsity - 0.8) < 1e-2
     assert result.sparsity_trace == sorted(result.sparsity_trace)  # the cubic schedule only grows
     with pytest.raises(ValueError, match="method"):
-        mv.fine_prune(model, task, "magnitude", 0.5)
+        ex3.fine_prune(model, task, "magnitude", 0.5)
 
 
 # --- issue 13: nothing lost, exact masks, no NaN ranked ------------------------
@@ -454,16 +455,16 @@ def test_top_blocks_on_cached_hidden_states_give_the_model_logits(first):
     ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(ids).logits  # (3, 12, 256)
-    h = mv.lower_hidden(model, ids, first, batch_size=2)
-    top = mv.TopBlocks(model, first)
+    h = ex3.lower_hidden(model, ids, first, batch_size=2)
+    top = ex3.TopBlocks(model, first)
     with torch.no_grad():
         assert torch.allclose(top(h), expected, atol=1e-5)
     assert len(top.layers) == 3 - first
     assert top.mlp_linear_names()[:3] == ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj", "layers.0.mlp.down_proj"]
     with pytest.raises(ValueError, match="first_trainable"):
-        mv.TopBlocks(model, 3)
+        ex3.TopBlocks(model, 3)
     with pytest.raises(TypeError, match="LLaMA-style"):
-        mv.lower_hidden(nn.Linear(2, 2), ids, 1)
+        ex3.lower_hidden(nn.Linear(2, 2), ids, 1)
 
 
 def test_top_blocks_with_sdpa_and_tied_embeddings_match_and_share_the_head():
@@ -472,9 +473,9 @@ def test_top_blocks_with_sdpa_and_tied_embeddings_match_and_share_the_head():
     ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(ids).logits
-    top = mv.TopBlocks(model, 2)
+    top = ex3.TopBlocks(model, 2)
     with torch.no_grad():
-        assert torch.allclose(top(mv.lower_hidden(model, ids, 2)), expected, atol=1e-5)
+        assert torch.allclose(top(ex3.lower_hidden(model, ids, 2)), expected, atol=1e-5)
     assert top.head_weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # shared, not copied
     assert "head_weight" not in top.state_dict()
 
@@ -484,10 +485,10 @@ def test_hidden_perplexity_matches_train_perplexity_on_the_same_windows():
 
     model = _tiny_lm()
     tokens = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(2))
-    x, y = mv.lm_windows(tokens, 16)
+    x, y = ex3.lm_windows(tokens, 16)
     assert x.shape == (6, 16) and torch.equal(x[:, 1:], y[:, :-1])
     expected = perplexity(model, tokens, block_size=16, batch_size=4)
-    got = mv.hidden_perplexity(mv.TopBlocks(model, 1), mv.lower_hidden(model, x, 1), y, batch_size=4)
+    got = ex3.hidden_perplexity(ex3.TopBlocks(model, 1), ex3.lower_hidden(model, x, 1), y, batch_size=4)
     assert math.isclose(got, expected, rel_tol=1e-5)
 
 
@@ -496,11 +497,11 @@ def test_adapt_top_blocks_prunes_only_the_top_mlps_and_leaves_the_model_alone(me
     model = _tiny_lm()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(0, 256, (8, 12), generator=torch.Generator().manual_seed(3))
-    h, y = mv.lower_hidden(model, ids[:, :-1], 2), ids[:, 1:]
-    top = mv.TopBlocks(model, 2)
+    h, y = ex3.lower_hidden(model, ids[:, :-1], 2), ids[:, 1:]
+    top = ex3.TopBlocks(model, 2)
     attn_before = top.layers[0].self_attn.q_proj.weight.detach().clone()
-    cfg = mv.FinePruneConfig(steps=10, batch_size=4, lr=1e-2, penalty=1.0 if method == "soft" else 0.0)
-    r = mv.adapt_top_blocks(top, h, y, method, 0.8, cfg)
+    cfg = ex3.FinePruneConfig(steps=10, batch_size=4, lr=1e-2, penalty=1.0 if method == "soft" else 0.0)
+    r = ex3.adapt_top_blocks(top, h, y, method, 0.8, cfg)
     assert r.sparsity == pytest.approx(0.8, abs=1e-3) and len(r.step_cpu_s) == 10
     assert sorted(mv.masked_layers(top)) == sorted(top.mlp_linear_names())
     assert not torch.equal(top.layers[0].self_attn.q_proj.weight, attn_before)  # attention adapts, unpruned
@@ -514,25 +515,25 @@ def test_adapt_top_blocks_prunes_only_the_top_mlps_and_leaves_the_model_alone(me
 def test_adapt_top_blocks_dense_lowers_the_training_loss():
     model = _tiny_lm(layers=2)
     tokens = torch.arange(200) % 7  # a pattern the top block can learn
-    x, y = mv.lm_windows(tokens, 16)
-    h = mv.lower_hidden(model, x, 1)
-    top = mv.TopBlocks(model, 1)
-    before = mv.hidden_perplexity(top, h, y)
-    r = mv.adapt_top_blocks(top, h, y, None, config=mv.FinePruneConfig(steps=30, batch_size=4, lr=1e-2))
+    x, y = ex3.lm_windows(tokens, 16)
+    h = ex3.lower_hidden(model, x, 1)
+    top = ex3.TopBlocks(model, 1)
+    before = ex3.hidden_perplexity(top, h, y)
+    r = ex3.adapt_top_blocks(top, h, y, None, config=ex3.FinePruneConfig(steps=30, batch_size=4, lr=1e-2))
     assert r.method == "dense" and r.sparsity == 0.0
-    assert mv.hidden_perplexity(top, h, y) < 0.7 * before  # the frozen random head limits how far it can go
+    assert ex3.hidden_perplexity(top, h, y) < 0.7 * before  # the frozen random head limits how far it can go
 
 
 def test_stdlib_source_halves_share_no_file_and_are_not_the_help_topics():
     from chapter11.data import pydoc_topics
 
-    adapt, held = mv.stdlib_source("adapt", max_chars=20_000), mv.stdlib_source("heldout", max_chars=20_000)
+    adapt, held = ex3.stdlib_source("adapt", max_chars=20_000), ex3.stdlib_source("heldout", max_chars=20_000)
     assert len(adapt) == len(held) == 20_000 and adapt[:200] != held[:200]
     assert "def " in adapt and "def " in held
     topic = pydoc_topics("evaluation")[0][:200]
-    assert topic not in mv.stdlib_source("adapt") and topic not in mv.stdlib_source("heldout")
+    assert topic not in ex3.stdlib_source("adapt") and topic not in ex3.stdlib_source("heldout")
     with pytest.raises(ValueError, match="part"):
-        mv.stdlib_source("train")
+        ex3.stdlib_source("train")
 
 
 # --- the grid helpers -------------------------------------------------------------
@@ -541,19 +542,19 @@ def test_stdlib_source_halves_share_no_file_and_are_not_the_help_topics():
 def test_schedule_is_the_same_cubic_for_every_method_and_penalty_ramps_with_it():
     from chapter11.schedules import cubic_sparsity
 
-    cfg = mv.FinePruneConfig(steps=100, penalty=10.0)
+    cfg = ex3.FinePruneConfig(steps=100, penalty=10.0)
     for t in (0, 10, 11, 40, 69, 70, 100):
         assert cfg.schedule(t, 0.97) == cubic_sparsity(t, 0.97, t0=10, n=60)
     assert cfg.penalty_at(0) == 0.0 and cfg.penalty_at(70) == 10.0
 
 
 def test_grid_settings_round_trip_and_summaries():
-    s = mv.GridSettings()
+    s = ex3.GridSettings()
     d = s.as_dict()
     assert d["sparsities"] == [0.5, 0.9, 0.97] and d["methods"] == list(mv.METHODS) and len(d["seeds"]) >= 3
-    assert mv.GridSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}) == s
+    assert ex3.GridSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}) == s
     runs = [{"method": m, "target": 0.9, "test": v} for m, v in [("hard", 0.5), ("hard", 0.7), ("magnitude", 0.2)]]
-    sums = mv.grid_summaries(runs)
+    sums = ex3.grid_summaries(runs)
     assert sums["hard"][0.9].mean == pytest.approx(0.6) and sums["magnitude"][0.9].n == 1
 
 
@@ -564,10 +565,10 @@ def test_docstring_task_validation_split_is_disjoint():
                                 for t in texts])
             return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
-    task = mv.docstring_task(Tok(), max_length=8, max_per_class=60, test_per_class=20, val_per_class=10)
+    task = ex3.docstring_task(Tok(), max_length=8, max_per_class=60, test_per_class=20, val_per_class=10)
     assert task.test_counts == [20] * 9 and task.val_counts == [10] * 9 and task.train_counts == [30] * 9
     with pytest.raises(ValueError, match="val_per_class"):
-        mv.docstring_task(Tok(), max_per_class=30, test_per_class=20, val_per_class=10)
+        ex3.docstring_task(Tok(), max_per_class=30, test_per_class=20, val_per_class=10)
 
 
 @pytest.mark.parametrize("q", [0.0001, 0.03, 0.5, 0.97, 0.9999])
@@ -579,7 +580,32 @@ def test_kth_smallest_matches_kthvalue_on_large_tensors(q):
 
 
 def test_more_seeds_settings_differ_from_the_grid_only_where_stated():
-    grid, more = mv.GridSettings().as_dict(), mv.more_seeds_settings().as_dict()
+    grid, more = ex3.GridSettings().as_dict(), ex3.more_seeds_settings().as_dict()
     assert {k for k in grid if grid[k] != more[k]} == {"seeds", "sparsities", "methods", "penalties", "dense_long_steps"}
     assert set(more["seeds"]).isdisjoint(grid["seeds"]) and more["sparsities"] == [0.97]
-    assert mv.grid_log_path(mv.more_seeds_settings()) != mv.grid_log_path(mv.GridSettings())  # separate logs
+    assert ex3.grid_log_path(ex3.more_seeds_settings()) != ex3.grid_log_path(ex3.GridSettings())  # separate logs
+
+
+
+def test_grid_log_survives_a_torn_line(tmp_path):
+    # a run killed mid-write leaves half a line: reading skips it with a warning, the next append cuts it off
+    from chapter11.experiments import append_jsonl, read_jsonl
+
+    log = tmp_path / "grid.runs.jsonl"
+    append_jsonl(log, {"key": "a", "test": 0.5})
+    with open(log, "a") as f:
+        f.write('{"key": "b", "te')
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert [r["key"] for r in read_jsonl(log)] == ["a"]
+    with pytest.warns(UserWarning, match="cut off a torn last line"):
+        append_jsonl(log, {"key": "c", "test": 0.7})
+    assert [r["key"] for r in read_jsonl(log)] == ["a", "c"]
+    assert log.read_text().count("\n") == 2
+    (tmp_path / "only.jsonl").write_text('{"key": "x", "te')  # a log whose only line is torn
+    with pytest.warns(UserWarning):
+        append_jsonl(tmp_path / "only.jsonl", {"key": "y"})
+    assert read_jsonl(tmp_path / "only.jsonl") == [{"key": "y"}]
+    log.write_text('{"key": "a"}\nnot json\n{"key": "c"}\n')  # damage in the middle is not a torn write
+    with pytest.raises(ValueError, match="line 2"):
+        read_jsonl(log)
+    assert read_jsonl(tmp_path / "missing.jsonl") == []

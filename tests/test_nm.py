@@ -11,10 +11,31 @@ from torch import nn
 
 from chapter11.masks import apply_masks
 from chapter11.models import tiny_llama
-from chapter11.nm import (LLAMA_WIDTHS, benchmark_main, check_2to4_linears, crossover_tokens, crossover_tokens_loop, crossovers,
-                          cuda_csr_benchmark, decoder_linears, gpu_skip_reason, is_nm, linear_shapes, llm_shapes, nm_mask, nm_mask_loop,
-                          nm_masks, prefill_logits, random_llama_2to4, recorded_gpu_results, semi_structured_benchmark,
-                          semi_structured_llm_benchmark, to_semi_structured)
+from chapter11.nm import (
+    LLAMA_WIDTHS,
+    check_2to4_linears,
+    crossover_tokens,
+    crossover_tokens_loop,
+    crossovers,
+    decoder_linears,
+    gpu_skip_reason,
+    is_nm,
+    linear_shapes,
+    llm_shapes,
+    nm_mask,
+    nm_mask_loop,
+    nm_masks,
+    prefill_logits,
+    to_semi_structured,
+)
+from chapter11.experiments.exp08_kernels import (
+    semi_main,
+    cuda_csr_benchmark,
+    random_llama_2to4,
+    recorded_gpu_results,
+    semi_structured_benchmark,
+    semi_structured_llm_benchmark,
+)
 
 cuda = pytest.mark.skipif(gpu_skip_reason() is not None, reason=f"GPU test skipped: {gpu_skip_reason()}")
 
@@ -226,7 +247,7 @@ def test_gpu_paths_explain_themselves_without_a_gpu(tmp_path, capsys):
             cuda_csr_benchmark(size=64)
     # the command line says why in one line, still writes its JSON, and succeeds
     out = tmp_path / "semi.json"
-    assert benchmark_main(["--json", str(out)]) == 0
+    assert semi_main(["--json", str(out)]) == 0
     assert f"skipped the 2:4 GPU benchmark: {reason}" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["skip_reason"] == reason and "layers" not in data and data["machine"]["gpu"] == "none"

@@ -9,15 +9,13 @@ import torch
 from chapter11.masks import MaskedOptimizer, load_masked, masks_of, save_masked
 from chapter11.models import tiny_llama
 from chapter11.nm import is_nm
-from chapter11.oneshot import (calibration_ablation, 
+from chapter11.experiments.exp09_oneshot import calibration_ablation, layer_means, prune_and_evaluate, prune_grid
+from chapter11.oneshot import (
     METHODS,
     calibration_sequences,
     decoder_layers,
-    layer_means,
     mask_from_scores,
     mask_from_scores_loop,
-    prune_and_evaluate,
-    prune_grid,
     prune_llm,
     sparsegpt_prune,
     sparsegpt_prune_loop,

@@ -126,7 +126,8 @@ from torch import nn
 
 from chapter11.masks import masks_of
 from chapter11.magnitude import masks_sparsity
-from chapter11.schedules import SWEEP_METHODS, equal_budget_sweep, prune_and_finetune, split_budget, split_budget_loop, sweep_curve
+from chapter11.experiments.exp01_schedules import SWEEP_METHODS, equal_budget_sweep, sweep_curve
+from chapter11.schedules import prune_and_finetune, split_budget, split_budget_loop
 
 
 @pytest.mark.parametrize("fn", [split_budget_loop, split_budget])

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from chapter11.structured.channels import benchmark_main, structured_benchmark
+from chapter11.experiments.benchmarks import structured_main, structured_benchmark
 
 KEYS = {"model", "batch", "dense_s", "pruned_s", "measured_speedup", "predicted_speedup"}
 
@@ -12,7 +12,7 @@ KEYS = {"model", "batch", "dense_s", "pruned_s", "measured_speedup", "predicted_
 @pytest.mark.slow
 def test_benchmark_main_writes_json_rows(tmp_path, capsys):
     path = tmp_path / "structured.json"
-    assert benchmark_main(["--json", str(path), "--batches", "1", "--repeats", "1", "--image-size", "32"]) == 0
+    assert structured_main(["--json", str(path), "--batches", "1", "--repeats", "1", "--image-size", "32"]) == 0
     rows = json.loads(path.read_text())
     models = {r["model"] for r in rows}
     assert {"smallcnn_50pct_channels", "resnet18_50pct_inner_channels"} <= models
@@ -32,12 +32,11 @@ def test_structured_benchmark_rejects_bad_arguments():
 
 
 @pytest.mark.parametrize("argv", [["structured", "--help"]])
-def test_both_command_lines_reach_benchmark_main(argv, capsys):
-    # `python -m chapter11 bench structured` and `python -m chapter11.bench structured` hand over to benchmark_main.
+def test_the_command_line_reaches_structured_main(argv, capsys):
+    # `python -m chapter11 bench structured` hands over to chapter11.experiments.benchmarks.structured_main.
     from chapter11.__main__ import main as package_main
-    from chapter11.bench import main as bench_module_main
 
-    for entry in (lambda a: package_main(["bench", *a]), bench_module_main):
+    for entry in (lambda a: package_main(["bench", *a]), structured_main):
         with pytest.raises(SystemExit) as exit_info:  # argparse's --help exits 0 after printing
             entry(argv)
         assert exit_info.value.code == 0

@@ -1,13 +1,33 @@
-"""Experiment drivers: the grids and recorded runs behind the notebooks, kept apart from the methods.
+"""Experiment drivers: the settings, grids and recorded runs behind the notebooks, kept apart from the methods.
 
-Covers: one module per notebook that needs more than its live cells can
-afford (`exp02_lottery`, ...), each with the settings of its recorded run,
-the function that records it into `benchmarks/full/`, and a command line
-(`python -m chapter11.experiments.exp02_lottery --help`). Drivers import
-the core and the method modules; nothing outside this package imports them.
-But: most notebooks' drivers still live in their method modules; they move
-here one by one.
+Covers: one module per notebook that needs more than the method modules
+give it (`exp01_schedules`, `exp02_lottery`, `exp03_movement`, `exp04_heads`,
+`exp05_onnx`, `exp06_dynamic`, `exp08_kernels`, `exp09_oneshot`), each with
+its settings, tasks, one-seed runs, grids, the functions that record runs
+into `benchmarks/full/` and a command line
+(`python -m chapter11.experiments.exp02_lottery --help`); `benchmarks`, the
+drivers behind `python -m chapter11 bench`; and here, what every driver
+repeats: the seeds of a recorded run (`seeds_from_command_line`) and the
+append-only JSON-lines logs that make long grids resumable (`append_jsonl`,
+`read_jsonl`). Recording a run and loading it back are
+`chapter11.report.save_full_run` / `load_full_run` (the core: notebooks
+load records too), and a notebook's live seeds shift with
+`chapter11.train.offset_seeds`.
+
+Drivers import the core and the method modules; only the command line, the
+notebooks and other drivers import them (`tests/test_layout.py`).
+
+But: a log is trusted as written by this package: a torn last line (a run
+killed mid-write) is skipped with a warning and cut off by the next append;
+anything else unreadable stops the driver.
 """
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
 
 MIN_RECORDED_SEEDS = 8  # fewer seeds do not settle a comparison that three live seeds could not
 
@@ -26,3 +46,60 @@ def seeds_from_command_line(doc: str, default: int, argv=None) -> list[int]:
     if args.seeds < MIN_RECORDED_SEEDS:
         parser.error(f"--seeds must be at least {MIN_RECORDED_SEEDS}: fewer do not settle the comparison")
     return list(range(args.seeds))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of one JSON-lines log, in order; [] if it does not exist.
+
+    A last line without its newline that does not parse is a write cut short
+    (the run was killed): it is skipped with a warning, and the next
+    `append_jsonl` cuts it off. Any other line that does not parse raises
+    ValueError naming the file and the line.
+
+    >>> import tempfile
+    >>> log = Path(tempfile.mkdtemp()) / "runs.jsonl"
+    >>> append_jsonl(log, {"key": "a"}); append_jsonl(log, {"key": "b"})
+    >>> [r["key"] for r in read_jsonl(log)]
+    ['a', 'b']
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                warnings.warn(f"{path}: skipped a torn last line (a write cut short): {line[:60]!r}", stacklevel=2)
+                continue
+            raise ValueError(f"{path}, line {number}: not a JSON record ({e.msg}); the log is damaged") from None
+    return records
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one record as a line, flushed to disk.
+
+    A torn last line (a write cut short) is cut off first, with a warning,
+    so the log stays one whole record per line. One writer per file: the
+    grids give each worker process its own log.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(0)
+            data = f.read()
+            if not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1  # 0 when the only line is torn
+                warnings.warn(f"{path}: cut off a torn last line (a write cut short): {data[keep:keep + 60]!r}", stacklevel=2)
+                f.truncate(keep)
+        f.seek(0, os.SEEK_END)
+        f.write((json.dumps(record) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,6 +1,10 @@
-"""Experiment 1, recorded: one-shot, iterative and cubic magnitude pruning against a random mask at 95% and 98%, over 12 seeds.
+"""Experiment 1, the drivers: schedules compared at equal budgets, live and recorded over 12 seeds at 95% and 98%.
 
-Covers: notebook 01's equal-budget comparison at committed size (LeNet-300-100
+Covers: `equal_budget_sweep`, which gives one-shot, iterative and cubic
+magnitude pruning, a random mask and the dense model the same number of
+optimizer steps at several target sparsities (`sweep_curve` summarises it
+over seeds); and the recorded run of notebook 01's equal-budget comparison
+at committed size (LeNet-300-100
 on MNIST-1D with 10,000 signals, dense training until the validation accuracy
 stops improving, then 400 fine-tuning steps for every method, 10 stages for
 the gradual schedules) at the two extreme targets, where three live seeds
@@ -15,16 +19,24 @@ notebook's three live seeds.
 
 from __future__ import annotations
 
+import copy
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
+from torch import nn
 
 from . import seeds_from_command_line
 from ..data import loaders, mnist1d, validation_loader, with_validation
+from ..lottery import random_masks
+from ..magnitude import global_magnitude_masks, layerwise_magnitude_masks, masks_sparsity
+from ..masks import apply_masks, masks_of
 from ..models import LeNet300100
 from ..report import load_full_run, save_full_run
-from ..schedules import equal_budget_sweep
-from ..train import evaluate, fit, seed_everything
+from ..schedules import _check_budget, cubic_schedule, iterative_schedule, prune_and_finetune
+from ..sparsity import check_sparsity
+from ..stats import Summary, summarize
+from ..train import evaluate, fit, seed_everything, train
 
 RUN_NAME = "01_extreme_sparsity_seeds"
 SEEDS = list(range(12))
@@ -76,6 +88,154 @@ def main(argv=None) -> int:
     for key, values in res["test_accuracy"].items():
         print(f"{key:16s} {sum(values) / len(values):.4f}")
     return 0
+
+
+SWEEP_METHODS = ("one-shot", "iterative", "cubic", "random", "dense")
+
+
+def _measure(model: nn.Module, metrics: Mapping[str, Callable[[nn.Module], float]]) -> dict[str, float]:
+    return {name: float(fn(model)) for name, fn in metrics.items()}
+
+
+def equal_budget_sweep(
+    dense: nn.Module,
+    targets: Sequence[float],
+    train_loader: Iterable,
+    total_steps: int,
+    metrics: Mapping[str, Callable[[nn.Module], float]],
+    stages: int = 10,
+    lr: float = 1e-3,
+    scope: str = "global",
+    seed: int = 0,
+    methods: Sequence[str] = SWEEP_METHODS,
+    keep_stages: Iterable[float] = (),
+    stage_metric: str | None = None,
+    keep_models: bool = False,
+) -> list[dict]:
+    """Compare pruning methods on copies of a trained `dense` model, every one with `total_steps` optimizer steps.
+
+    For each target sparsity s:
+
+    - "one-shot": magnitude-prune to s at once (scope "global" or
+      "layerwise"), then fine-tune `total_steps` steps;
+    - "iterative": `iterative_schedule(s, stages)`, the same budget shared
+      among the stages by `split_budget`;
+    - "cubic": `cubic_schedule(s, stages)` (Zhu & Gupta), budget shared the same way;
+    - "random": a random mask with the one-shot mask's count in every layer
+      (seeded by `seed`), on the trained weights, then the same fine-tune.
+
+    And once, "dense": the unpruned copy trained `total_steps` more steps,
+    so a pruned model is never compared with a dense one that trained less.
+
+    Returns one row per run: {"method", "target", "sparsity" (measured over
+    the masks), "steps" (optimizer steps taken), "after" (metrics at the
+    end)}; one-shot, random and dense rows also hold "pruned" (metrics right
+    after pruning, before any training: the accuracy cliff), and "iterative"
+    and "cubic" rows for targets in `keep_stages` hold "stages", the per-stage rows of
+    `prune_and_finetune` measured with `metrics[stage_metric]` (default: the
+    first metric). With `keep_models` every row also holds its trained
+    "model". `metrics` maps names to model -> float functions (e.g.
+    validation and test accuracy); `dense` itself is not changed.
+
+    >>> torch.manual_seed(0) is not None
+    True
+    >>> dense = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> loader = [(torch.randn(5, 4), torch.randint(0, 2, (5,)))] * 4
+    >>> rows = equal_budget_sweep(dense, [0.5], loader, 4, {"w": lambda m: float(m[0].weight.detach().abs().sum())}, stages=2)
+    >>> [(r["method"], r["steps"], round(r["sparsity"], 2)) for r in rows]
+    [('one-shot', 4, 0.5), ('iterative', 4, 0.5), ('cubic', 4, 0.5), ('random', 4, 0.5), ('dense', 4, 0.0)]
+    """
+    if not isinstance(dense, nn.Module):
+        raise TypeError(f"dense must be an nn.Module, got {type(dense).__name__}")
+    if masks_of(dense):
+        raise ValueError("dense must be unpruned: it already holds masks")
+    targets = [check_sparsity(t, "targets") for t in targets]
+    if not targets:
+        raise ValueError("targets must hold at least one sparsity")
+    unknown = [m for m in methods if m not in SWEEP_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be a non-empty subset of {SWEEP_METHODS}, got {list(methods)!r}")
+    if not isinstance(metrics, Mapping) or not metrics or not all(callable(f) for f in metrics.values()):
+        raise TypeError("metrics must map names to callables model -> float, e.g. {'val': ..., 'test': ...}")
+    if scope not in ("global", "layerwise"):
+        raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
+    _check_budget(total_steps, stages)
+    keep_stages = {check_sparsity(t, "keep_stages") for t in keep_stages}
+    stage_metric = next(iter(metrics)) if stage_metric is None else stage_metric
+    if stage_metric not in metrics:
+        raise ValueError(f"stage_metric must be one of {list(metrics)}, got {stage_metric!r}")
+    mask_fn = global_magnitude_masks if scope == "global" else layerwise_magnitude_masks
+    rows = []
+    for s in targets:
+        for method in [m for m in methods if m != "dense"]:
+            model = copy.deepcopy(dense)
+            row = {"method": method, "target": s}
+            if method in ("iterative", "cubic"):
+                metric_fn = metrics[stage_metric] if s in keep_stages else None
+                schedule = iterative_schedule(s, stages) if method == "iterative" else cubic_schedule(s, stages)
+                stage_rows = prune_and_finetune(model, schedule, train_loader, total_steps, lr=lr, scope=scope, metric_fn=metric_fn)
+                row["steps"] = sum(r["steps"] for r in stage_rows)
+                if s in keep_stages:
+                    row["stages"] = stage_rows
+            else:
+                if method == "one-shot":
+                    masks = mask_fn(model, s)
+                else:
+                    masks = random_masks(mask_fn(model, s), seed=seed)
+                apply_masks(model, masks)
+                row["pruned"] = _measure(model, metrics)
+                if total_steps > 0:
+                    train(model, train_loader, lr=lr, max_steps=total_steps, progress_bar=False, desc=method)
+                row["steps"] = total_steps
+            row["sparsity"] = masks_sparsity(masks_of(model))
+            row["after"] = _measure(model, metrics)
+            if keep_models:
+                row["model"] = model
+            rows.append(row)
+    if "dense" in methods:
+        model = copy.deepcopy(dense)
+        if total_steps > 0:
+            train(model, train_loader, lr=lr, max_steps=total_steps, progress_bar=False, desc="dense")
+        row = {"method": "dense", "target": 0.0, "sparsity": 0.0, "steps": total_steps, "pruned": _measure(dense, metrics), "after": _measure(model, metrics)}
+        if keep_models:
+            row["model"] = model
+        rows.append(row)
+    return rows
+
+
+def sweep_curve(sweeps: Sequence[Sequence[Mapping]], method: str, metric: str, when: str = "after") -> tuple[list[float], list[Summary]]:
+    """(targets, [Summary over seeds per target]) of one method from several `equal_budget_sweep`s.
+
+    `sweeps[i]` is the sweep of seed i; every sweep must hold the same
+    targets for `method`. `when` is "after" (fine-tuned) or "pruned".
+
+    >>> one = [{"method": "random", "target": 0.5, "after": {"acc": 0.6}}]
+    >>> two = [{"method": "random", "target": 0.5, "after": {"acc": 0.8}}]
+    >>> xs, ys = sweep_curve([one, two], "random", "acc")
+    >>> xs, round(ys[0].mean, 2), ys[0].n
+    ([0.5], 0.7, 2)
+    """
+    if when not in ("after", "pruned"):
+        raise ValueError(f"when must be 'after' or 'pruned', got {when!r}")
+    per_seed = []
+    for sweep in sweeps:
+        rows = {r["target"]: r for r in sweep if r["method"] == method}
+        if not rows:
+            raise ValueError(f"method {method!r} is not in the sweep; it holds {sorted({r['method'] for r in sweep})}")
+        per_seed.append(rows)
+    targets = sorted(per_seed[0])
+    if any(sorted(rows) != targets for rows in per_seed):
+        raise ValueError(f"every sweep must hold the same targets for {method!r}")
+    values = []
+    for t in targets:
+        column = []
+        for rows in per_seed:
+            measured = rows[t].get(when)
+            if measured is None or metric not in measured:
+                raise ValueError(f"{method!r} at {t}: no {when!r} value of metric {metric!r}")
+            column.append(measured[metric])
+        values.append(summarize(column))
+    return targets, values
 
 
 if __name__ == "__main__":
