@@ -53,7 +53,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 
 from .data import Split
 from .magnitude import global_magnitude_masks, layerwise_magnitude_masks
-from .masks import SUFFIX, MaskedOptimizer, apply_masks, check_mask, load_masked_state_dict, masks_of
+from .masks import SUFFIX, MaskedOptimizer, apply_masks, check_mask, load_masked_state_dict, masks_of, restore_on_error
 from .report import atomic_torch_save, atomic_write_text
 from .sparsity import check_sparsity
 from .stats import Summary, summarize
@@ -139,9 +139,15 @@ def _rewind_masks(model: nn.Module, state: Mapping[str, torch.Tensor], masks: Ma
     extra = sorted(set(state) - set(own))
     if missing or extra:
         raise ValueError(f"state does not fit {type(model).__name__}: missing {missing[:4]}, unexpected {extra[:4]}")
-    for k, v in own.items():
+    for k, v in own.items():  # every entry is checked before any weight is overwritten
+        if not isinstance(state[k], torch.Tensor):
+            raise TypeError(f"state[{k!r}] must be a tensor, got {type(state[k]).__name__}")
         if tuple(state[k].shape) != tuple(v.shape):
             raise ValueError(f"state[{k!r}] has shape {tuple(state[k].shape)}, the model's has {tuple(v.shape)}")
+        if state[k].is_complex() and not v.is_complex():
+            raise TypeError(f"state[{k!r}] is {state[k].dtype}, the model's is {v.dtype}")
+        if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
+            raise ValueError(f"state[{k!r}] holds NaN or infinite values; a snapshot to rewind to must be finite")
     merged = dict(masks_of(model))
     params = dict(model.named_parameters())
     for name, mask in (masks or {}).items():
@@ -198,10 +204,11 @@ def rewind(model: nn.Module, state: Mapping[str, torch.Tensor], masks: Mapping[s
     [[0.0, -0.25]]
     """
     merged = _rewind_masks(model, state, masks)
-    for name, target in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items():
-        if not name.endswith(SUFFIX):
-            target.copy_(state[name])
-    apply_masks(model, merged)
+    with restore_on_error(model):  # all or nothing, also for what the checks above cannot foresee
+        for name, target in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items():
+            if not name.endswith(SUFFIX):
+                target.copy_(state[name])
+        apply_masks(model, merged)
     return model
 
 

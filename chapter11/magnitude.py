@@ -355,6 +355,12 @@ def iterative_magnitude_pruning(
     targets = [check_sparsity(s, "schedule sparsity") for s in schedule]
     if any(b < a for a, b in zip(targets, targets[1:])):
         raise ValueError(f"schedule must not decrease (a mask never un-prunes), got {targets}")
+    for name, fn in (("finetune", finetune), ("metric_fn", metric_fn)):  # refuse before the first cut, not after it
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable (model -> ...) or None, got {type(fn).__name__}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    prunable_parameters(model, exclude)  # a model with nothing to prune, or a bad exclude, fails here
     rows = []
     for s in targets:
         masks = prune_magnitude(model, s, scope=scope, exclude=exclude)

@@ -17,7 +17,10 @@ of a pruned weight) becomes 0 instead of NaN, and kept weights are never
 touched.
 
 Every function that changes several layers checks all of them first and
-only then changes any, so a refused call leaves the model as it was.
+only then changes any, so a refused call leaves the model as it was. What
+can only fail midway (a metric that raises, a block whose outputs overflow)
+runs inside `restore_on_error`, which puts the parameters, buffers and masks
+of the modules it watches back as they were.
 
 torch.nn.utils.prune interop: `to_torch_prune` moves our masks into torch's
 `weight_orig`/`weight_mask`/forward-hook form and `from_torch_prune` brings
@@ -54,9 +57,10 @@ also prunes a kept weight that happens to be exactly 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -80,6 +84,7 @@ __all__ = [
     "save_masked",
     "load_masked_state_dict",
     "load_masked",
+    "restore_on_error",
 ]
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -611,3 +616,60 @@ def load_masked(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         first = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
         raise ValueError(f"path: {str(path)!r} is not a checkpoint written by save_masked (torch.load: {type(err).__name__} {first})") from err
     return load_masked_state_dict(model, state)
+
+
+class _RestorePoint:
+    """Parameters, buffers and mask marks of some modules, copied so they can be put back."""
+
+    def __init__(self, modules: Iterable[nn.Module]):
+        self.saved = []
+        for m in modules:
+            params = {k: (p, p.detach().clone()) for k, p in m._parameters.items() if p is not None}
+            buffers = {k: (b, None if b is None else b.detach().clone()) for k, b in m._buffers.items()}
+            self.saved.append((m, params, buffers, set(m.__dict__[OURS]) if OURS in m.__dict__ else None))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for m, params, buffers, ours in reversed(self.saved):
+            for k, (p, value) in params.items():
+                m._parameters[k] = p
+                p.copy_(value)
+            for k in [k for k in m._buffers if k not in buffers]:  # buffers added since (new masks)
+                del m._buffers[k]
+            for k, (b, value) in buffers.items():
+                m._buffers[k] = b
+                if b is not None:
+                    b.copy_(value)
+            if ours is None:
+                m.__dict__.pop(OURS, None)
+            else:
+                m.__dict__[OURS] = ours
+
+
+@contextlib.contextmanager
+def restore_on_error(modules: nn.Module | Iterable[nn.Module]) -> Iterator[_RestorePoint]:
+    """All or nothing: if the block raises, every watched module gets its parameters, buffers and masks back.
+
+    `modules`: a model (all its submodules are watched) or some modules. The
+    values are copied on entry (memory: one copy of the watched tensors), and
+    the same tensor objects are refilled on error, so optimizers and other
+    references stay valid. The error is re-raised.
+
+    >>> layer = nn.Linear(2, 1)
+    >>> try:
+    ...     with restore_on_error(layer):
+    ...         apply_masks(layer, {"weight": torch.tensor([[0.0, 1.0]])})
+    ...         raise RuntimeError("failed midway")
+    ... except RuntimeError:
+    ...     pass
+    >>> int((layer.weight == 0).sum()), hasattr(layer, "weight_mask")
+    (0, False)
+    """
+    if isinstance(modules, nn.Module):
+        modules = list(modules.modules())
+    point = _RestorePoint(list(modules))
+    try:
+        yield point
+    except BaseException:
+        point.restore()
+        raise

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .masks import apply_masks
+from .masks import _RestorePoint, apply_masks
 from .sparsity import check_amount, check_sparsity
 from .train import model_device, progress
 
@@ -626,6 +626,13 @@ def prune_llm(
     `blocks` restricts pruning to those block indices (the others stay dense).
     `measure_error=True` also records each layer's relative output error on
     its calibration inputs (one X^T X per layer, so it costs more for Wanda).
+
+    All or nothing: the pattern, NaN or infinite weights and torch's pruning
+    reparametrisation are checked in every chosen block before any is
+    touched, and if a block fails midway (non-finite activations, an
+    interrupt), every block pruned so far gets its weights and masks back
+    (`chapter11.masks.restore_on_error`; it holds one copy of the blocks
+    changed so far).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -641,10 +648,15 @@ def prune_llm(
     if not chosen or any(not _is_int(b) or not 0 <= b < len(layers) for b in chosen):
         raise ValueError(f"blocks must be a non-empty list of indices in [0, {len(layers)}), got {blocks!r}")
     linears = [{name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)} for layer in layers]
-    for l in chosen:  # check the pattern against every layer before touching any
+    for l in chosen:  # check everything that can be checked before touching any layer
         if not linears[l]:
             raise ValueError(f"model: decoder block {l} holds no nn.Linear layers to prune")
         for name, lin in linears[l].items():
+            if hasattr(lin, "weight_orig"):
+                raise TypeError(f"model: layer {name} of block {l} carries torch.nn.utils.prune's reparametrisation "
+                                "(weight_orig); convert the model with chapter11.masks.from_torch_prune first")
+            if not torch.isfinite(lin.weight).all():
+                raise ValueError(f"model: layer {name} of block {l} holds NaN or infinite weights; refusing to prune a broken model")
             try:
                 _check_pattern(sparsity, n, m, lin.in_features)
             except ValueError as err:
@@ -664,6 +676,7 @@ def prune_llm(
         inputs = _capture_inputs(model, layers[0], batches)
         _check_finite([h for h, _ in inputs], "entering decoder block 0")
     last = max(chosen)
+    points = []  # the blocks changed so far, as they were: all or nothing
     try:
         for l in progress(range(last + 1), desc=f"prune_llm {method}", enabled=progress_bar):
             layer = layers[l]
@@ -681,6 +694,7 @@ def prune_llm(
                         stats.end_batch()
                 finally:
                     stats.remove()
+            points.append(_RestorePoint(linears[l].values()))
             masks, before, factors = {}, {}, {}
             prefix = _prefix(model, layer)
             for name, lin in linears[l].items():
@@ -714,6 +728,10 @@ def prune_llm(
                 outputs = _run_block(layer, inputs)
                 _check_finite(outputs, f"leaving decoder block {l}")
                 inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]
+    except BaseException:
+        for point in reversed(points):  # a block that fails midway leaves the model as it was
+            point.restore()
+        raise
     finally:
         model.train(was_training)
     total = sum(lin.weight.numel() for l in chosen for lin in linears[l].values())

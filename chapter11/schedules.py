@@ -361,8 +361,15 @@ def prune_and_finetune(
     >>> [(r["target"], r["steps"]) for r in rows], round(masks_sparsity(masks_of(model)), 2)
     ([(0.5, 3), (0.75, 2)], 0.75)
     """
+    if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Iterable):
+        raise ValueError(f"schedule must be a non-empty sequence of sparsities, got {schedule!r}")
     schedule = list(schedule)
     budgets = split_budget(total_steps, max(len(schedule), 1))
+    lr = _check_real(lr, "lr")  # everything is checked before the first cut
+    if not lr > 0:
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if train_loader is None or isinstance(train_loader, (str, bytes)) or not isinstance(train_loader, Iterable):
+        raise TypeError(f"train_loader must be an iterable of (inputs, labels) batches, got {type(train_loader).__name__}")
     taken = []
 
     def finetune(m):

@@ -83,9 +83,9 @@ def _check_grid(sparsities) -> list[float]:
 def sensitivity_scan(model: nn.Module, metric_fn: Callable[[nn.Module], float], sparsities: Sequence[float], exclude: Iterable[str] = ()) -> SensitivityResult:
     """Prune each prunable layer alone to each sparsity and record `metric_fn(model)`.
 
-    The model is restored after every measurement (weights and masks are
-    untouched when this returns). Existing masks are respected: masked
-    weights rank as the smallest.
+    The model is restored after every measurement, also when `metric_fn`
+    raises (weights and masks are untouched when this returns). Existing
+    masks are respected: masked weights rank as the smallest.
 
     >>> torch.manual_seed(0) is not None
     True
@@ -109,8 +109,10 @@ def sensitivity_scan(model: nn.Module, metric_fn: Callable[[nn.Module], float], 
         for s in grid:
             mask = smallest_mask(scores, round(s * param.numel())).to(param.dtype)
             param.mul_(mask)
-            values.append(float(metric_fn(model)))
-            param.copy_(saved)
+            try:
+                values.append(float(metric_fn(model)))
+            finally:  # a metric that raises must not leave the layer pruned
+                param.copy_(saved)
         result.metrics[name] = values
         result.sizes[name] = param.numel()
     return result

@@ -422,3 +422,71 @@ def test_atomic_write_temp_names_carry_the_writer_pid(tmp_path, monkeypatch):
     monkeypatch.setattr(report.os, "replace", spy)
     report.atomic_write_bytes(b"x", tmp_path / "a.bin")
     assert seen and seen[0].startswith(f".a.bin.{os.getpid()}.") and seen[0].endswith(".tmp")
+
+
+# ---------------------------------------------------------------- all or nothing (issue 25, item 2)
+
+
+def _snapshot_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, state):
+    now = model.state_dict()
+    return set(now) == set(state) and all(torch.equal(now[k], v) for k, v in state.items())
+
+
+def test_sensitivity_scan_puts_the_layer_back_when_the_metric_raises():
+    from chapter11.sensitivity import sensitivity_scan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    state = _snapshot_state(model)
+    calls = []
+
+    def metric(m):
+        calls.append(1)
+        if len(calls) == 3:  # the baseline, layer 0 at 0%, then layer 0 at 50% raises
+            raise RuntimeError("metric failed")
+        return 1.0
+
+    with pytest.raises(RuntimeError, match="metric failed"):
+        sensitivity_scan(model, metric, [0.0, 0.5])
+    assert _unchanged(model, state)
+
+
+@pytest.mark.parametrize("twin", ["rewind", "rewind_loop"])
+@pytest.mark.parametrize("bad, error", [("a list", TypeError), ("nan", ValueError), ("complex", TypeError)])
+def test_rewind_refuses_a_bad_entry_before_overwriting_anything(twin, bad, error):
+    from chapter11 import lottery
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    last = "2.bias"
+    state[last] = {"a list": [0.0, 0.0], "nan": torch.full((2,), float("nan")), "complex": torch.zeros(2, dtype=torch.complex64)}[bad]
+    before = _snapshot_state(model)
+    with pytest.raises(error, match=r"state\['2.bias'\]"):
+        getattr(lottery, twin)(model, state)
+    assert _unchanged(model, before)
+
+
+def test_iterative_pruning_rejects_its_arguments_before_the_first_cut():
+    from chapter11.magnitude import iterative_magnitude_pruning
+    from chapter11.schedules import prune_and_finetune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    state = _snapshot_state(model)
+    loader = [(torch.randn(5, 4), torch.randint(0, 2, (5,)))]
+    cases = [
+        (lambda: iterative_magnitude_pruning(model, [0.5], finetune="train please"), TypeError, "finetune must be callable"),
+        (lambda: iterative_magnitude_pruning(model, [0.5], metric_fn=3), TypeError, "metric_fn must be callable"),
+        (lambda: iterative_magnitude_pruning(model, [0.5], scope="per-row"), ValueError, "scope must be one of"),
+        (lambda: prune_and_finetune(model, [0.5], loader, total_steps=4, lr=-1.0), ValueError, "lr must be a positive number"),
+        (lambda: prune_and_finetune(model, [0.5], None, total_steps=4), TypeError, "train_loader must be an iterable"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+        assert _unchanged(model, state), message

@@ -405,3 +405,64 @@ def test_calibration_ablation_matches_prune_grid_for_the_same_size_and_seed():
         calibration_ablation(model, tokens, tokens[:129], sizes=(1,), method="magnitude")
     with pytest.raises(ValueError, match="sizes"):
         calibration_ablation(model, tokens, tokens[:129], sizes=())
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, state):
+    now = model.state_dict()
+    return set(now) == set(state) and all(torch.equal(now[k].nan_to_num(7.0), v.nan_to_num(7.0)) for k, v in state.items())
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_prune_llm_refuses_a_broken_last_block_before_changing_anything(method):
+    model = tiny_llama(num_layers=3, num_kv_heads=2)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight[0, 0] = float("nan")
+    state = _state(model)
+    calib = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="down_proj of block 2 holds NaN"):
+        prune_llm(model, calib, method=method, sparsity=0.5, progress_bar=False)
+    assert _same(model, state) and not masks_of(model)
+
+
+def test_prune_llm_refuses_torch_prune_form_before_changing_anything():
+    import torch.nn.utils.prune as torch_prune
+
+    model = tiny_llama(num_layers=2, num_kv_heads=2)
+    torch_prune.l1_unstructured(model.model.layers[1].self_attn.q_proj, "weight", amount=0.5)
+    state = _state(model)
+    with pytest.raises(TypeError, match="from_torch_prune"):
+        prune_llm(model, None, method="magnitude", sparsity=0.5, progress_bar=False)
+    assert _same(model, state)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_prune_llm_failing_midway_puts_every_block_back(method, monkeypatch):
+    # a failure in the last block, after blocks 0 and 1 were pruned (and SparseGPT rewrote their weights): all or nothing
+    import chapter11.oneshot as oneshot
+
+    model = tiny_llama(num_layers=3, num_kv_heads=2)
+    apply_existing = {"model.layers.0.mlp.up_proj.weight": (torch.rand_like(model.model.layers[0].mlp.up_proj.weight) > 0.3).float()}
+    from chapter11.masks import apply_masks
+
+    apply_masks(model, apply_existing)  # an earlier mask must come back unchanged too
+    state = _state(model)
+    calls = {"n": 0}
+    real = oneshot._select if method == "wanda" else oneshot._sparsegpt_blocked
+    per_block = 7  # q, k, v, o, gate, up, down
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2 * per_block + 3:  # inside block 2
+            raise RuntimeError("failed midway")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(oneshot, "_select" if method == "wanda" else "_sparsegpt_blocked", failing)
+    calib = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="failed midway"):
+        prune_llm(model, calib, method=method, sparsity=0.5, progress_bar=False)
+    assert calls["n"] > 2 * per_block  # blocks 0 and 1 were pruned before the failure
+    assert _same(model, state) and set(masks_of(model)) == set(apply_existing)
