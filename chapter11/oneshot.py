@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -318,6 +319,22 @@ def _inverse_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.T
     return U, dead
 
 
+def _check_dead(dead: torch.Tensor, sparsity, n, m, where: str) -> None:
+    """Refuse when more inputs never fired than the pattern may prune: SparseGPT would zero them all, past the target."""
+    count = int(dead.sum())
+    if not count:
+        return
+    if n is not None:
+        too_many = bool((dead.reshape(-1, m).sum(1) > m - n).any())  # a group with more dead inputs than it may drop
+    else:
+        too_many = count > round(sparsity * dead.numel())
+    if too_many:
+        raise ValueError(f"calibration: {count} of the {dead.numel()} inputs of {where} were exactly 0 on every calibration token, "
+                         f"more than the {'%d:%d pattern' % (n, m) if n is not None else f'{sparsity:.0%} target'} prunes; "
+                         "SparseGPT would zero them all and overshoot the target. The calibration data does not reach this layer "
+                         "(look for activations that overflowed or vanished before it), or prune it with magnitude or Wanda")
+
+
 def _sparsegpt_args(W, X, sparsity, n, m, block_size, damp):
     W = _check_weight(W)
     X = _check_inputs(X, W.shape[1])
@@ -493,8 +510,19 @@ def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[torch.Tens
     """(hidden states, keyword arguments) that the first decoder block receives, per batch."""
     captured = []
 
+    shared: list[torch.Tensor] = []  # tensors equal across batches (the causal mask) are kept once
+
+    def dedupe(value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        for seen in shared:
+            if seen.shape == value.shape and seen.dtype == value.dtype and seen.device == value.device and torch.equal(seen, value):
+                return seen
+        shared.append(value)
+        return value
+
     def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
+        kwargs = {k: dedupe(v) for k, v in kwargs.items()}
         hidden = args[0] if args else kwargs.pop("hidden_states")
         captured.append((hidden.detach(), kwargs))
         raise _Stop
@@ -641,7 +669,6 @@ def prune_llm(
             raise ValueError(f"give either sparsity or n and m: sparsity={sparsity} does not match {n}:{m}; pass sparsity=None")
         sparsity = None
     layers = decoder_layers(model)
-    _check_obs_args(block_size, damp, m)
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     chosen = list(range(len(layers))) if blocks is None else list(blocks)
@@ -661,6 +688,9 @@ def prune_llm(
                 _check_pattern(sparsity, n, m, lin.in_features)
             except ValueError as err:
                 raise ValueError(f"{err} (layer {name} of block {l})") from None
+    if method == "sparsegpt":  # block_size and damp mean nothing to magnitude and Wanda
+        _check_obs_args(block_size, damp, m)
+    premasked = [name for l in chosen for name, lin in linears[l].items() if hasattr(lin, "weight_mask")]
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     calibration = _check_calibration(calibration, method, vocab)
     use_data = calibration is not None and (method != "magnitude" or measure_error)
@@ -712,6 +742,7 @@ def prune_llm(
                     if owner not in factors:  # q, k, v (and gate, up) share one H and one factor
                         factors[owner] = _inverse_factor(2.0 * G / tokens, damp)
                     U, dead = factors[owner]
+                    _check_dead(dead, sparsity, n, m, f"layer {name} of block {l}")
                     W_new = W.to(U.dtype).clone()  # (d_out, d_in)
                     W_new[:, dead] = 0.0
                     W_new, mask = _sparsegpt_blocked(W_new, U, sparsity, n, m, block_size)
@@ -738,6 +769,11 @@ def prune_llm(
     zeros = sum(float((lin.weight == 0).sum()) for l in chosen for lin in linears[l].values())
     result.sparsity = zeros / total
     result.seconds = time.perf_counter() - start
+    asked = sparsity if sparsity is not None else 1 - n / m
+    if premasked and result.sparsity > asked + 0.005:
+        warnings.warn(f"{len(premasked)} of the pruned layers already held masks: prune_llm multiplies its masks into them "
+                      f"(a mask never un-prunes), so the blocks are {result.sparsity:.1%} sparse, not the {asked:.1%} asked",
+                      stacklevel=2)
     return result
 
 

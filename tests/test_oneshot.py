@@ -466,3 +466,50 @@ def test_prune_llm_failing_midway_puts_every_block_back(method, monkeypatch):
         prune_llm(model, calib, method=method, sparsity=0.5, progress_bar=False)
     assert calls["n"] > 2 * per_block  # blocks 0 and 1 were pruned before the failure
     assert _same(model, state) and set(masks_of(model)) == set(apply_existing)
+
+
+# ---------------------------------------------------------------- one-shot edge cases (issue 25, item 6)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_nm_pattern_that_does_not_divide_the_width_names_the_width(method):
+    model = tiny_llama(num_layers=1)  # hidden 128: 3 does not divide it
+    calib = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="m must divide d_in"):
+        prune_llm(model, calib, method=method, sparsity=None, n=2, m=3, progress_bar=False)
+    with pytest.raises(ValueError, match="block_size must be a multiple of m"):  # SparseGPT's own constraint still says so
+        prune_llm(model, calib, method="sparsegpt", sparsity=None, n=2, m=8, block_size=12, progress_bar=False)
+
+
+def test_sparsegpt_refuses_a_layer_whose_inputs_never_fire():
+    # an input that is 0 on every calibration token is "dead": zeroing all of them would overshoot the target
+    model = tiny_llama(num_layers=2, num_kv_heads=2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.zero_()  # down_proj of block 1 then sees only zeros
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="down_proj of block 1 were exactly 0 on every calibration token"):
+        prune_llm(model, calib, method="sparsegpt", sparsity=0.5, progress_bar=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items()) and not masks_of(model)
+    prune_llm(model, calib, method="wanda", sparsity=0.5, progress_bar=False)  # Wanda has no such trap
+
+
+def test_captured_inputs_keep_one_attention_mask_for_all_batches():
+    from chapter11.oneshot import _capture_inputs, decoder_layers
+
+    model = tiny_llama(num_layers=1)
+    model.config._attn_implementation = "eager"  # eager attention gets a (B, 1, T, T) float mask
+    batches = list(torch.randint(0, model.config.vocab_size, (12, 32), generator=torch.Generator().manual_seed(0)).split(4))
+    inputs = _capture_inputs(model, decoder_layers(model)[0], batches)
+    masks = [kw.get("attention_mask") for _, kw in inputs]
+    tensors = [m for m in masks if isinstance(m, torch.Tensor)]
+    assert len({id(m) for m in tensors}) <= 1  # one tensor, held once, not one per batch
+
+
+def test_wanda_on_a_masked_model_says_the_masks_add_up():
+    model = tiny_llama(num_layers=1)
+    calib = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    prune_llm(model, None, method="magnitude", sparsity=0.5, progress_bar=False)  # 50% per layer, not per row
+    with pytest.warns(UserWarning, match="already held masks"):
+        result = prune_llm(model, calib, method="wanda", sparsity=0.5, progress_bar=False)
+    assert result.sparsity > 0.505
