@@ -52,7 +52,7 @@ import torch
 from numba import njit, prange
 from torch import nn
 
-from chapter11.masks import check_mask
+from chapter11.masks import check_mask, refuse_torch_prune
 from chapter11.sparsity import check_sparsity
 
 __all__ = [
@@ -795,6 +795,7 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.8, inplace: bool = False)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     min_sparsity = check_sparsity(min_sparsity, "min_sparsity")
+    refuse_torch_prune(model)
     model = model if inplace else copy.deepcopy(model)
     swaps = []
     for name, module in model.named_modules():

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .masks import remove_masks
+from .masks import refuse_torch_prune, remove_masks
 from .report import atomic_write_bytes
 from .sparsity import check_sparsity
 from .train import model_device
@@ -128,6 +128,7 @@ def export_onnx(
     if example_input.ndim < 1:
         raise ValueError(f"example_input must have a batch axis, got shape {tuple(example_input.shape)}")
     path = _check_path(path)
+    refuse_torch_prune(model)
     clean = copy.deepcopy(model).eval().cpu()  # ONNX Runtime runs here on the CPU, whatever device trained the model
     example_input = example_input.detach().cpu()
     remove_masks(clean)  # weights already hold the zeros; drop the *_mask buffers

@@ -85,6 +85,7 @@ __all__ = [
     "load_masked_state_dict",
     "load_masked",
     "restore_on_error",
+    "refuse_torch_prune",
 ]
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -164,6 +165,29 @@ def _replaced_by_torch(module: nn.Module, module_name: str) -> list[str]:
     """Parameters whose mask we installed and torch's pruning then replaced."""
     ours = _ours(module)
     return [_full(module_name, t) for t in _torch_hooks(module) if t in ours] if ours and module._forward_pre_hooks else []
+
+
+def refuse_torch_prune(model: nn.Module, argument: str = "model") -> None:
+    """TypeError if any layer of `model` is in `torch.nn.utils.prune`'s form (weight_orig and a hook).
+
+    Such a model cannot be copied (its `weight` is computed by the hook, and
+    `copy.deepcopy` refuses it) and its hook would undo what a transform
+    does, so every transform that copies or rebuilds a model calls this
+    first. `from_torch_prune` converts it to our masks.
+
+    >>> import torch.nn.utils.prune as torch_prune
+    >>> layer = torch_prune.l1_unstructured(nn.Linear(4, 2), "weight", amount=0.5)
+    >>> refuse_torch_prune(nn.Sequential(layer))
+    Traceback (most recent call last):
+    ...
+    TypeError: model: layer 0 carries torch.nn.utils.prune's reparametrisation (weight_orig and a forward hook); convert it first with chapter11.masks.from_torch_prune(model)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{argument} must be an nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        if _torch_hooks(module):
+            raise TypeError(f"{argument}: layer {name or type(module).__name__} carries torch.nn.utils.prune's reparametrisation "
+                            f"(weight_orig and a forward hook); convert it first with chapter11.masks.from_torch_prune({argument})")
 
 
 def _refuse_replaced(names: list[str], argument: str = "model") -> None:

@@ -490,3 +490,57 @@ def test_iterative_pruning_rejects_its_arguments_before_the_first_cut():
         with pytest.raises(error, match=message):
             call()
         assert _unchanged(model, state), message
+
+
+# ---------------------------------------------------------------- torch.nn.utils.prune form (issue 25, item 5)
+
+
+def _torch_pruned_lenet():
+    model = LeNet300100()
+    prune.l1_unstructured(model.fc2, "weight", amount=0.5)
+    return model
+
+
+@pytest.mark.parametrize("transform", ["export_onnx", "sparsify", "remove_channels", "remove_channels_inplace", "prune_and_evaluate"])
+def test_copying_transforms_refuse_torch_prune_form_with_the_fix(transform, tmp_path):
+    from chapter11.structured.channels import remove_channels
+
+    model = _torch_pruned_lenet()
+    calls = {
+        "export_onnx": lambda: __import__("chapter11.export", fromlist=["export_onnx"]).export_onnx(model, torch.randn(1, 40), tmp_path / "m.onnx"),
+        "sparsify": lambda: sparsify(model, min_sparsity=0.4),
+        "remove_channels": lambda: remove_channels(model, {"fc1": [0, 1]}),
+        "remove_channels_inplace": lambda: remove_channels(model, {"fc1": [0, 1]}, inplace=True),
+        "prune_and_evaluate": lambda: __import__("chapter11.experiments.exp09_oneshot", fromlist=["x"]).prune_and_evaluate(
+            model, None, torch.zeros(1, 8, dtype=torch.long), method="magnitude"),
+    }
+    with pytest.raises(TypeError, match=r"fc2 carries torch.nn.utils.prune's reparametrisation.*from_torch_prune"):
+        calls[transform]()
+    assert hasattr(model.fc2, "weight_orig")  # untouched
+
+
+def test_masks_stay_ours_through_remove_channels_and_load_pruned(tmp_path):
+    # torch's pruning applied on top of our masks must be caught and merged by from_torch_prune, not silently win
+    from chapter11.models import TransformerClassifier
+    from chapter11.structured.channels import remove_channels
+    from chapter11.structured.checkpoint import load_pruned, save_pruned
+
+    torch.manual_seed(0)
+    model = LeNet300100()
+    prune_magnitude(model, 0.8, scope="layerwise")
+    small = remove_channels(model, {"fc1": list(range(50))})
+    zeros_before = int((small.fc2.weight == 0).sum())
+    prune.l1_unstructured(small.fc2, "weight", amount=0.1)  # torch's mask replaces ours as the hook's mask
+    with pytest.warns(UserWarning, match="had replaced our mask"):
+        from_torch_prune(small)
+    assert int((small.fc2.weight == 0).sum()) >= zeros_before and int((small.fc2.weight_mask == 0).sum()) >= zeros_before
+
+    tf = TransformerClassifier(vocab_size=32, d_model=16, n_heads=2, n_layers=1, d_ff=32, max_len=8)
+    prune_magnitude(tf, 0.6, scope="layerwise")
+    loaded = load_pruned(save_pruned(tf, tmp_path / "tf"))
+    fc = loaded.blocks[0].fc1
+    zeros_before = int((fc.weight == 0).sum())
+    prune.l1_unstructured(fc, "weight", amount=0.1)
+    with pytest.warns(UserWarning, match="had replaced our mask"):
+        from_torch_prune(loaded)
+    assert int((fc.weight_mask == 0).sum()) >= zeros_before

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..masks import refuse_torch_prune
 from ..oneshot import METHODS, PruneResult, calibration_sequences, prune_llm
 from ..train import perplexity
 
@@ -34,6 +35,7 @@ def prune_and_evaluate(model: nn.Module, calibration: torch.Tensor | None, token
     `model` itself stays dense; perplexity runs over non-overlapping windows of
     `seq_len` tokens (`chapter11.train.perplexity`). Extra keywords go to `prune_llm`.
     """
+    refuse_torch_prune(model)
     pruned = copy.deepcopy(model)
     try:
         result = prune_llm(pruned, calibration, method=method, sparsity=sparsity, n=n, m=m, batch_size=batch_size, **kwargs)

@@ -47,12 +47,9 @@ proper also trains with an L1 penalty on gamma, which is not implemented.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 import numbers
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -61,8 +58,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from chapter11.masks import apply_masks
-from chapter11.sparsity import check_amount, check_sparsity
+from chapter11.masks import _mark, apply_masks, refuse_torch_prune
+from chapter11.sparsity import check_amount
 
 __all__ = [
     "Group", "filter_norms_loop", "filter_norms", "taylor_importance_loop", "taylor_importance",
@@ -498,6 +495,7 @@ def _carry_masks(old: nn.Module, new: nn.Module, slices: Mapping[str, int | None
         dim = slices[param_name]
         sliced = mask.detach().clone() if dim is None else _take(mask, keep.to(mask.device), dim)
         new.register_buffer(buffer_name, sliced)
+        _mark(new, param_name)  # still ours: torch's pruning applied on top is caught, not silently merged
         param.data.mul_(sliced)
 
 
@@ -575,6 +573,7 @@ def remove_channels(model: nn.Module, plan: Mapping[str, Sequence[int]], groups=
     >>> small.fc1.weight.shape, small.fc2.weight.shape, small.fc3.weight.shape
     (torch.Size([200, 40]), torch.Size([99, 200]), torch.Size([10, 99]))
     """
+    refuse_torch_prune(model)
     groups = _groups_for(model, groups)
     plan = _check_plan(model, plan, groups)
     if not inplace:

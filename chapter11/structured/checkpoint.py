@@ -310,7 +310,7 @@ def _verify_files(folder: Path, plan: dict) -> None:
 
 def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
     """load_state_dict, with mask buffers created first and clear errors for shape or key mismatches."""
-    from ..masks import SUFFIX
+    from ..masks import SUFFIX, _mark
 
     own = model.state_dict()
     for key, value in state.items():
@@ -323,6 +323,7 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], folder: Path
             param = getattr(module, buffer_name[: -len(SUFFIX)], None)
             if isinstance(param, nn.Parameter) and param.shape == value.shape:
                 module.register_buffer(buffer_name, torch.ones_like(param))
+                _mark(module, buffer_name[: -len(SUFFIX)])  # a mask we installed, as apply_masks would mark it
     own = model.state_dict()
     bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     if bad:
