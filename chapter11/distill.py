@@ -54,6 +54,12 @@ def _check(student_logits, teacher_logits, labels, temperature, alpha):
         raise ValueError(f"labels: needed when alpha < 1 (got alpha={alpha}); pass labels or alpha=1.0")
     if labels is not None and labels.shape != student_logits.shape[:-1]:
         raise ValueError(f"labels: expected shape {tuple(student_logits.shape[:-1])}, got {tuple(labels.shape)}")
+    if labels is not None and labels.numel():
+        if labels.is_floating_point() or labels.is_complex():
+            raise TypeError(f"labels must hold class indices (integers), got {labels.dtype}")
+        classes = student_logits.shape[-1]
+        if int(labels.min()) < 0 or int(labels.max()) >= classes:
+            raise ValueError(f"labels must be class indices in 0..{classes - 1}, got values from {int(labels.min())} to {int(labels.max())}")
 
 
 def distillation_loss_loop(

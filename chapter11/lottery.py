@@ -293,6 +293,9 @@ def random_masks(masks: Mapping[str, torch.Tensor], seed: int = 0) -> dict[str, 
 def _check_curve(steps, val_losses) -> None:
     if len(steps) != len(val_losses) or len(steps) == 0:
         raise ValueError(f"steps and val_losses must be non-empty and equally long, got {len(steps)} and {len(val_losses)}")
+    for i, loss in enumerate(val_losses):  # NaN compares false both ways: the twins would pick different minima
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or math.isnan(loss):
+            raise ValueError(f"val_losses[{i}] must be a number, not NaN, got {loss!r}")
 
 
 def early_stop_loop(steps: Iterable[int], val_losses: Iterable[float]) -> tuple[int, int]:

@@ -172,6 +172,14 @@ def threshold_for_sparsity(W: torch.Tensor, sparsity: float) -> float:
 # ---------------------------------------------------------------------------
 
 
+def _check_scores(scores) -> torch.Tensor:
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a tensor, got {type(scores).__name__}")
+    if scores.is_floating_point() and torch.isnan(scores).any():
+        raise ValueError(f"scores contain NaN ({int(torch.isnan(scores).sum())} of {scores.numel()}); NaN cannot be ranked")
+    return scores
+
+
 def smallest_mask_loop(scores: torch.Tensor, k: int) -> torch.Tensor:
     """0/1 mask that zeroes exactly the k smallest scores (ties: lower index first).
 
@@ -181,6 +189,7 @@ def smallest_mask_loop(scores: torch.Tensor, k: int) -> torch.Tensor:
     >>> smallest_mask_loop(torch.tensor([0.3, 0.1, 0.1, 0.5]), 2)
     tensor([1., 0., 0., 1.])
     """
+    _check_scores(scores)
     values = scores.detach().flatten().tolist()
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(values):
         raise ValueError(f"k must be an int between 0 and {len(values)}, got {k!r}")
@@ -204,7 +213,7 @@ def smallest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     tensor([[1., 0.],
             [0., 1.]])
     """
-    flat = scores.detach().flatten()  # (n,)
+    flat = _check_scores(scores).detach().flatten()  # (n,)
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= flat.numel():
         raise ValueError(f"k must be an int between 0 and {flat.numel()}, got {k!r}")
     order = torch.sort(flat, stable=True).indices  # (n,) ascending

@@ -13,8 +13,7 @@ smallest m_i: that is the same rule only if g is the update direction
 it would prune the weights moving *away* from zero (both readings, on two
 weights: `chapter11.experiments.exp03_movement.sign_example`).
 
-Four criteria share one layer, `MaskedLinear`, which multiplies its weight by
-a 0/1 mask on every forward pass:
+Four criteria share one layer, `MaskedLinear`, which masks its weight in forward:
 
 - "magnitude": keep the largest |W| (the baseline, no learned scores);
 - "hard": hard movement pruning, keep the top-k of learned scores S; the mask
@@ -344,6 +343,11 @@ def mixed_scores(weight: torch.Tensor, scores: torch.Tensor, alpha: float = 0.5)
     return alpha * standardize(weight.abs()) + (1 - alpha) * standardize(scores)  # same shape as weight
 
 
+def _check_score_tensors(score_tensors) -> None:
+    if any(S.numel() == 0 for S in _check_score_list(score_tensors)):
+        raise ValueError("score_tensors: every tensor must be non-empty (the mean of nothing is undefined)")
+
+
 def soft_penalty_loop(score_tensors: Sequence[torch.Tensor]) -> float:
     """L1 penalty of soft movement: mean over layers of mean_i sigmoid(S_i), in loops.
 
@@ -353,8 +357,7 @@ def soft_penalty_loop(score_tensors: Sequence[torch.Tensor]) -> float:
     >>> round(soft_penalty_loop([torch.tensor([0.0, 0.0]), torch.tensor([100.0])]), 3)
     0.75
     """
-    if len(score_tensors) == 0:
-        raise ValueError("score_tensors must hold at least one tensor")
+    _check_score_tensors(score_tensors)
     per_layer = []
     for S in score_tensors:
         values = [1.0 / (1.0 + math.exp(-s)) for s in S.detach().flatten().tolist()]
@@ -368,8 +371,7 @@ def soft_penalty(score_tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     >>> round(float(soft_penalty([torch.tensor([0.0, 0.0]), torch.tensor([100.0])])), 3)
     0.75
     """
-    if len(score_tensors) == 0:
-        raise ValueError("score_tensors must hold at least one tensor")
+    _check_score_tensors(score_tensors)
     return torch.stack([torch.sigmoid(S).mean() for S in score_tensors]).mean()
 
 

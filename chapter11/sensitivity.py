@@ -123,6 +123,12 @@ def _allocation_inputs(result: SensitivityResult, budget: float):
     names = list(result.metrics)
     if not names:
         raise ValueError("result: the scan holds no layers")
+    for name in names:  # a NaN drop compares false both ways, so the twins would choose differently
+        values = [result.baseline, *result.metrics[name]]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) for v in values):
+            raise ValueError(f"result: the metric of {name} (or the baseline) holds NaN or a non-number; rescan with a metric that returns numbers")
+        if len(result.metrics[name]) != len(result.sparsities):
+            raise ValueError(f"result: {name} has {len(result.metrics[name])} metrics for {len(result.sparsities)} sparsities")
     combos = len(result.sparsities) ** len(names)
     if combos > MAX_COMBINATIONS:
         raise ValueError(f"result: {len(names)} layers x {len(result.sparsities)} grid points = {combos:,} combinations; more than {MAX_COMBINATIONS:,}, so scan fewer layers or a coarser grid")
