@@ -391,6 +391,8 @@ def storage_bytes(weight, value_dtype=None, index_dtype=None, n: int = 2, m: int
     v = vdt.itemsize
     idx = _index_dtype(index_dtype, cols)
     row_idx = _index_dtype(index_dtype, rows)
+    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int) or not 1 <= n <= m:
+        raise ValueError(f"n and m must be ints with 1 <= n <= m (keep n of every m), got n={n!r}, m={m!r}")
     kept_nm = rows * cols * n // m
     return {
         "dense": rows * cols * v,

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .masks import prunable_parameters
+from .sparsity import check_model
 
 __all__ = [
     "linear_init",
@@ -148,7 +149,14 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 30, init: torch.Tensor 
     >>> [round(x, 2) for x in c.tolist()], a.tolist()
     ([0.05, 0.95], [0, 0, 1, 1])
     """
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"values must be a tensor, got {type(values).__name__}")
     v = values.detach().float().flatten()  # (n,)
+    if not torch.isfinite(v).all():
+        raise ValueError(f"values hold {int((~torch.isfinite(v)).sum())} NaN or infinite entries; k-means cannot place them")
+    if init is not None:
+        if not isinstance(init, torch.Tensor) or init.numel() != k or not torch.isfinite(init).all():
+            raise ValueError(f"init must be a finite tensor of k = {k} centroids, got {getattr(init, 'shape', type(init).__name__)}")
     centroids = linear_init(v, k) if init is None else init.detach().float().flatten().clone()
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
@@ -194,6 +202,7 @@ def share_weights(model: nn.Module, bits: int | Mapping[str, int] = 5, exclude: 
     >>> layer.weight.tolist(), shared["weight"].indices.tolist()
     ([[0.0, 0.5, 0.5199999809265137]], [0, 1])
     """
+    check_model(model)
     params = prunable_parameters(model, exclude)
     out = {}
     for name, param in params.items():
@@ -216,6 +225,7 @@ def finetune_centroids(model: nn.Module, shared: Mapping[str, SharedLayer], load
     centroids the weights are rewritten from the codebook, so they stay
     shared (and pruned weights stay zero). Returns the training losses.
     """
+    check_model(model)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     loss_fn = loss_fn or F.cross_entropy
@@ -324,6 +334,10 @@ class HuffmanCode:
 
     def decode(self, data: bytes, nbits: int) -> list[int]:
         """Inverse of `encode`: read bits until each prefix matches a code."""
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"data must be bytes, got {type(data).__name__}")
+        if isinstance(nbits, bool) or not isinstance(nbits, int) or nbits < 0:
+            raise ValueError(f"nbits must be an int >= 0 (the number of meaningful bits in data), got {nbits!r}")
         if nbits > 8 * len(data):
             raise ValueError(f"nbits ({nbits}) exceeds the {8 * len(data)} bits in data")
         bits = format(int.from_bytes(data, "big"), f"0{8 * len(data)}b")[:nbits] if data else ""

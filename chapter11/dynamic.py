@@ -66,7 +66,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .masks import apply_masks, masks_of, prunable_parameters
-from .sparsity import check_sparsity
+from .sparsity import check_model, check_sparsity
 
 __all__ = [
     "DISTRIBUTIONS", "layer_sparsities_loop", "layer_sparsities", "random_mask", "random_masks",
@@ -224,6 +224,7 @@ def random_masks(
     With `apply=True` (default) they are installed on `model` (`apply_masks`).
     Returns {parameter name: mask}.
     """
+    check_model(model)
     check_sparsity(sparsity, "sparsity")
     params = prunable_parameters(model, exclude=exclude)
     targets = layer_sparsities({n: p.shape for n, p in params.items()}, sparsity, distribution)
@@ -621,6 +622,7 @@ def dense_macs(model: nn.Module, example_input: torch.Tensor, exclude: Iterable[
     >>> dense_macs(LeNet300100(), torch.zeros(1, 40))
     {'fc1.weight': 12000, 'fc2.weight': 30000, 'fc3.weight': 1000}
     """
+    check_model(model)
     params = prunable_parameters(model, exclude=exclude)
     modules = {name.rpartition(".")[0]: name for name in params if name.endswith("weight")}
     found: dict[str, int] = {}

@@ -55,7 +55,7 @@ from .data import Split
 from .magnitude import global_magnitude_masks, layerwise_magnitude_masks
 from .masks import SUFFIX, MaskedOptimizer, apply_masks, check_mask, load_masked_state_dict, masks_of, restore_on_error
 from .report import atomic_torch_save, atomic_write_text
-from .sparsity import check_sparsity
+from .sparsity import check_model, check_sparsity
 from .stats import Summary, summarize
 from .train import evaluate, model_device, progress, seed_everything
 
@@ -172,6 +172,7 @@ def rewind_loop(model: nn.Module, state: Mapping[str, torch.Tensor], masks: Mapp
     >>> layer.weight.tolist(), layer.weight_mask.tolist()
     ([[0.0, -0.25]], [[0.0, 1.0]])
     """
+    check_model(model)
     merged = _rewind_masks(model, state, masks)
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for name, target in tensors.items():
@@ -203,6 +204,7 @@ def rewind(model: nn.Module, state: Mapping[str, torch.Tensor], masks: Mapping[s
     >>> layer.weight.tolist()
     [[0.0, -0.25]]
     """
+    check_model(model)
     merged = _rewind_masks(model, state, masks)
     with restore_on_error(model):  # all or nothing, also for what the checks above cannot foresee
         for name, target in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items():
@@ -221,6 +223,7 @@ def rewind_error(model: nn.Module, state: Mapping[str, torch.Tensor]) -> float:
     >>> rewind_error(rewind(layer, theta0, {"weight": torch.tensor([[1., 0.]])}), theta0)
     0.0
     """
+    check_model(model)
     masks = masks_of(model)
     worst = 0.0
     for name, param in model.named_parameters():
@@ -400,6 +403,10 @@ class LotteryConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("seed", "data_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
             raise ValueError(f"patience must be an int >= 0, got {self.patience!r}")
         if isinstance(self.rewind_step, bool) or not isinstance(self.rewind_step, int) or self.rewind_step < 0:
@@ -450,6 +457,7 @@ def train_run(
     `total_steps` and `stopped_early` (True when patience ran out before the
     epoch limit: the run had converged on validation).
     """
+    check_model(model)
     if config.eval_every > config.epochs * len(train_loader):
         raise ValueError(f"config.eval_every={config.eval_every} is larger than the {config.epochs * len(train_loader)} training steps; nothing would be evaluated")
     device = model_device(model)

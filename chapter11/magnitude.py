@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .masks import apply_masks, check_mask, masks_of, prunable_parameters
-from .sparsity import check_sparsity
+from .sparsity import check_model, check_sparsity
 
 __all__ = [
     "magnitude_mask_loop",
@@ -257,6 +257,7 @@ def layerwise_magnitude_masks(model: nn.Module, sparsity: float, exclude: Iterab
     tensor([[0., 1.],
             [1., 0.]])
     """
+    check_model(model)
     sparsity = check_sparsity(sparsity, "sparsity")
     masks = {}
     for name, param in prunable_parameters(model, exclude).items():
@@ -280,6 +281,7 @@ def global_magnitude_masks(model: nn.Module, sparsity: float, exclude: Iterable[
     >>> {k: v.tolist() for k, v in global_magnitude_masks(model, 0.5).items()}
     {'0.weight': [[0.0, 1.0]], '1.weight': [[1.0], [0.0]]}
     """
+    check_model(model)
     sparsity = check_sparsity(sparsity, "sparsity")
     params = prunable_parameters(model, exclude)
     scores = [_scores(model, name, p).flatten() for name, p in params.items()]
@@ -306,6 +308,7 @@ def prune_magnitude(model: nn.Module, sparsity: float, scope: str = "global", ex
     >>> [round(1 - float(m.mean()), 2) for m in masks.values()]
     [0.8, 0.8]
     """
+    check_model(model)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     fn = global_magnitude_masks if scope == "global" else layerwise_magnitude_masks
@@ -359,6 +362,7 @@ def iterative_magnitude_pruning(
     >>> [(r["target"], r["sparsity"]) for r in rows]
     [(0.25, 0.25), (0.5, 0.5)]
     """
+    check_model(model)
     if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence) or not schedule:
         raise ValueError(f"schedule must be a non-empty sequence of sparsities, got {schedule!r}")
     targets = [check_sparsity(s, "schedule sparsity") for s in schedule]

@@ -68,6 +68,7 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 from .report import atomic_torch_save
+from .sparsity import check_model
 
 __all__ = [
     "PRUNABLE_TYPES",
@@ -278,6 +279,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], allow_regro
     >>> layer.weight.tolist()
     [[0.0, -2.0, inf]]
     """
+    check_model(model)
     if not isinstance(masks, Mapping):
         raise TypeError(f"masks must map parameter names to 0/1 tensors, got {type(masks).__name__}")
     plan = []
@@ -307,12 +309,14 @@ def _masked_pairs(model: nn.Module) -> list[tuple[str, nn.Parameter, torch.Tenso
 
 def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameter name -> mask buffer, for every masked parameter (empty if none)."""
+    check_model(model)
     return {name: mask for name, _, mask in _masked_pairs(model)}
 
 
 @torch.no_grad()
 def remove_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Make the zeros permanent and drop the mask buffers; returns the masks."""
+    check_model(model)
     removed = {}
     for name, param, mask in _masked_pairs(model):
         module_name, param_name = _split(name)
@@ -327,6 +331,7 @@ def remove_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def enforce_masks(model: nn.Module) -> None:
     """Re-zero every masked weight (an inf there becomes 0, not NaN)."""
+    check_model(model)
     pairs = _masked_pairs(model)
     _zero_pruned([p for _, p, _ in pairs], [m for _, _, m in pairs])
 
@@ -341,6 +346,7 @@ def mask_gradients(model: nn.Module) -> None:
     >>> mask_gradients(layer); layer.weight.grad.tolist()
     [[0.0, 3.0]]
     """
+    check_model(model)
     pairs = [(p.grad, m) for _, p, m in _masked_pairs(model) if p.grad is not None]
     _zero_pruned([g for g, _ in pairs], [m for _, m in pairs])
 
@@ -479,6 +485,7 @@ def to_torch_prune(model: nn.Module) -> nn.Module:
     >>> masks_of(from_torch_prune(layer))["weight"].tolist()
     [[0.0, 1.0, 0.0, 1.0]]
     """
+    check_model(model)
     for name, mask in remove_masks(model).items():
         module, param_name, _ = _owner(model, name, "model")
         torch_prune.custom_from_mask(module, param_name, mask.clone())
@@ -496,6 +503,7 @@ def from_torch_prune(model: nn.Module) -> nn.Module:
     module docstring), the mask is rebuilt as torch's mask times
     `weight_orig != 0`, with a warning.
     """
+    check_model(model)
     plan = []
     for module_name, module in model.named_modules():
         ours = _ours(module)
@@ -631,6 +639,7 @@ def load_masked_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
 
 def load_masked(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load weights and masks saved by `save_masked` into `model`."""
+    check_model(model)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no checkpoint at {str(path)!r}")

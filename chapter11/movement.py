@@ -34,13 +34,11 @@ like any model. In between, fine-tune while the sparsity follows a schedule
 BERT classifier (`chapter11.experiments.exp03_movement.fine_prune`).
 
 But: unstructured masks only (no block or head movement pruning), one global
-sparsity target shared by every wrapped layer (each layer keeps the same
-fraction, as in the paper's local top-k), no distillation teacher, and a
-pruned weight costs as much as a kept one until a sparse format
-(`chapter11.csr`) or structured pruning makes use of the zeros.
+sparsity target shared by every wrapped layer (each keeps the same fraction,
+as in the paper's local top-k), no distillation teacher, and pruned weights
+cost as much as kept ones until `chapter11.csr` or structured pruning uses them.
 
-    >>> layer = MaskedLinear.from_linear(nn.Linear(4, 2), method="magnitude", sparsity=0.5)
-    >>> int(layer.mask().sum())
+    >>> int(MaskedLinear.from_linear(nn.Linear(4, 2), method="magnitude", sparsity=0.5).mask().sum())
     4
 """
 
@@ -53,7 +51,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .sparsity import check_amount, check_sparsity
+from .sparsity import check_amount, check_model, check_sparsity
 
 __all__ = [
     "METHODS", "movement_scores_loop", "movement_scores", "topk_mask_loop", "topk_mask",
@@ -297,7 +295,7 @@ def standardize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     >>> standardize(torch.tensor([1.0, 2.0, 3.0]))
     tensor([-1.,  0.,  1.])
     """
-    x = x.detach().float()
+    x = _check_scores(x, "x").detach().float()
     std = x.std(unbiased=True) if x.numel() > 1 else x.new_tensor(0.0)
     return (x - x.mean()) / (std + eps) if std > 0 else torch.zeros_like(x)
 
@@ -574,6 +572,7 @@ def encoder_linear_names(model: nn.Module) -> list[str]:
     >>> encoder_linear_names(Toy())
     ['encoder.0', 'encoder.2']
     """
+    check_model(model)
     names = []
     for name, module in model.named_modules():
         parts = name.split(".")
@@ -600,6 +599,7 @@ def wrap_linears(model: nn.Module, method: str = "hard", names: Iterable[str] | 
     >>> type(model[0]).__name__, int(model[0].mask().sum())
     ('MaskedLinear', 12)
     """
+    check_model(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     names = encoder_linear_names(model) if names is None else ([names] if isinstance(names, str) else list(names))
@@ -621,7 +621,7 @@ def wrap_linears(model: nn.Module, method: str = "hard", names: Iterable[str] | 
 
 def masked_layers(model: nn.Module) -> dict[str, MaskedLinear]:
     """{name: MaskedLinear} for every wrapped layer of `model`."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, MaskedLinear)}
+    return {name: m for name, m in check_model(model).named_modules() if isinstance(m, MaskedLinear)}
 
 
 @torch.no_grad()

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from chapter11.masks import prunable_parameters
+from .sparsity import check_model
 
 __all__ = [
     "nm_mask_loop", "nm_mask", "is_nm", "nm_masks", "LLAMA_WIDTHS", "linear_shapes", "llm_shapes",
@@ -126,6 +127,7 @@ def nm_masks(model: nn.Module, n: int = 2, m: int = 4, exclude: Iterable[str] = 
     Conv weights group along their flattened (in_channels * kernel) axis.
     A weight whose last dimension is not a multiple of m raises (exclude it).
     """
+    check_model(model)
     masks = {}
     for name, p in prunable_parameters(model, exclude=exclude).items():
         W = p.detach().reshape(p.shape[0], -1)  # (out, in * kernel)
@@ -329,6 +331,7 @@ def decoder_linears(model: nn.Module, exclude: Iterable[str] = ("lm_head",)) -> 
 
 def check_2to4_linears(model: nn.Module, exclude: Iterable[str] = ("lm_head",)) -> list[str]:
     """Names of the decoder Linears, after checking each weight is 2:4 (ValueError names those that are not)."""
+    check_model(model)
     linears = decoder_linears(model, exclude)
     if not linears:
         raise ValueError("model has no nn.Linear outside exclude; nothing to convert")
@@ -348,6 +351,7 @@ def to_semi_structured(model: nn.Module, exclude: Iterable[str] = ("lm_head",)) 
     weight must be 2:4 (`check_2to4_linears`). Raises RuntimeError with
     `gpu_skip_reason()` without a suitable GPU.
     """
+    check_model(model)
     _need_gpu()
     from torch.sparse import to_sparse_semi_structured
 
@@ -383,6 +387,7 @@ def prefill_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     layers with a causal mask, the final norm, and the head on the last
     position only (what a server computes for a prompt).
     """
+    check_model(model)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a (batch, tokens) tensor, got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
     inner = model.model

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from .masks import _RestorePoint, apply_masks
-from .sparsity import check_amount, check_sparsity
+from .sparsity import check_amount, check_model, check_sparsity
 from .train import model_device, progress
 
 __all__ = [
@@ -662,6 +662,7 @@ def prune_llm(
     (`chapter11.masks.restore_on_error`; it holds one copy of the blocks
     changed so far).
     """
+    check_model(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if n is not None or m is not None:

@@ -281,7 +281,7 @@ def save_full_run(name: str, results: dict, settings: dict, command: str, second
     """
     import datetime
 
-    if not isinstance(name, str) or not name or "/" in name:
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
         raise ValueError(f"name must be a plain file stem, got {name!r}")
     for arg, value in (("results", results), ("settings", settings)):
         if not isinstance(value, dict):
@@ -302,6 +302,8 @@ def save_full_run(name: str, results: dict, settings: dict, command: str, second
 
 def load_full_run(name: str, folder: str | os.PathLike | None = None) -> dict:
     """The recorded full run `name` (see `save_full_run`); FileNotFoundError says how to make one."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"name must be a plain file stem inside the recorded-runs folder, got {name!r}")
     path = Path(folder or FULL_RUNS) / f"{name}.json"
     if not path.is_file():
         raise FileNotFoundError(f"no recorded full run at {path}: run the notebook once with CH11_FULL=1 to record it")

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from .magnitude import iterative_magnitude_pruning
-from .sparsity import check_sparsity
+from .sparsity import check_model, check_sparsity
 from .train import train
 
 __all__ = [
@@ -361,6 +361,7 @@ def prune_and_finetune(
     >>> [(r["target"], r["steps"]) for r in rows], round(masks_sparsity(masks_of(model)), 2)
     ([(0.5, 3), (0.75, 2)], 0.75)
     """
+    check_model(model)
     if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Iterable):
         raise ValueError(f"schedule must be a non-empty sequence of sparsities, got {schedule!r}")
     schedule = list(schedule)

@@ -34,7 +34,7 @@ from torch import nn
 
 from .magnitude import smallest_mask
 from .masks import apply_masks, masks_of, prunable_parameters
-from .sparsity import check_sparsity
+from .sparsity import check_model, check_sparsity
 
 __all__ = [
     "SensitivityResult",
@@ -94,6 +94,7 @@ def sensitivity_scan(model: nn.Module, metric_fn: Callable[[nn.Module], float], 
     >>> result.metrics, result.sizes
     ({'0.weight': [1.0, 1.0], '1.weight': [1.0, 1.0]}, {'0.weight': 16, '1.weight': 8})
     """
+    check_model(model)
     grid = _check_grid(sparsities)
     if not callable(metric_fn):
         raise TypeError(f"metric_fn must be callable (model -> float), got {type(metric_fn).__name__}")
@@ -203,6 +204,7 @@ def prune_with_allocation(model: nn.Module, allocation: Mapping[str, float]) -> 
     >>> int((masks["0.weight"] == 0).sum()), int((masks["1.weight"] == 0).sum())
     (10, 0)
     """
+    check_model(model)
     if not isinstance(allocation, Mapping):
         raise TypeError(f"allocation must map parameter names to sparsities, got {type(allocation).__name__}")
     params = prunable_parameters(model)

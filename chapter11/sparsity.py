@@ -35,6 +35,7 @@ __all__ = [
     "SparsityReport",
     "check_sparsity",
     "check_amount",
+    "check_model",
 ]
 
 
@@ -229,6 +230,8 @@ def check_amount(amount, n: int, name: str = "amount") -> int:
     >>> check_amount(0.5, 8), check_amount(3, 8), check_amount(np.int64(2), 8)
     (4, 3, 2)
     """
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < 0:
+        raise ValueError(f"n (the number of elements {name} applies to) must be an int >= 0, got {n!r}")
     if isinstance(amount, bool) or not isinstance(amount, Real):
         raise TypeError(f"{name} must be an int count or a float fraction, got {type(amount).__name__}")
     if isinstance(amount, Integral):
@@ -240,3 +243,16 @@ def check_amount(amount, n: int, name: str = "amount") -> int:
     if math.isnan(amount) or not 0.0 <= amount <= 1.0:
         raise ValueError(f"{name} must be in [0, 1] when given as a fraction, got {amount}")
     return round(amount * n)
+
+
+def check_model(model, name: str = "model") -> nn.Module:
+    """Return `model` if it is a `torch.nn.Module`; TypeError naming the argument otherwise.
+
+    >>> check_model(None)
+    Traceback (most recent call last):
+    ...
+    TypeError: model must be a torch.nn.Module, got NoneType
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    return model

@@ -71,6 +71,11 @@ def t_critical(df: int, confidence: float = 0.95) -> float:
     return float(t.ppf(0.5 + confidence / 2, df))
 
 
+def _check_confidence(confidence) -> None:
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise ValueError(f"confidence must be a number in (0, 1), e.g. 0.95, got {confidence!r}")
+
+
 def _floats(values: Iterable, name: str = "values") -> list[float]:
     out = []
     for v in values:
@@ -83,6 +88,8 @@ def _floats(values: Iterable, name: str = "values") -> list[float]:
         out.append(float(v))
     if not out:
         raise ValueError(f"{name} is empty: need at least one value")
+    if not math.isfinite(math.fsum(x * x for x in out)):  # else the mean or the sd overflows to inf
+        raise ValueError(f"{name} are too large to average and square in float64 (largest magnitude {max(map(abs, out)):.3g})")
     return out
 
 
@@ -95,6 +102,7 @@ def summarize_loop(values: Iterable[float], confidence: float = 0.95) -> Summary
     1.0
     """
     xs = _floats(values)
+    _check_confidence(confidence)
     n = len(xs)
     total = 0.0
     for x in xs:
@@ -120,6 +128,7 @@ def summarize(values: Iterable[float], confidence: float = 0.95) -> Summary:
     import numpy as np
 
     xs = np.asarray(_floats(values), dtype=np.float64)
+    _check_confidence(confidence)
     mean = float(xs.mean())
     if xs.size == 1:
         return Summary((mean,), mean, 0.0, mean, mean)

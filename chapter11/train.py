@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .masks import MaskedOptimizer, masks_of
+from .sparsity import check_model
 
 __all__ = [
     "DEVICE_ENV",
@@ -82,6 +83,7 @@ def default_device() -> torch.device:
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); CPU for a model with neither."""
+    check_model(model)
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():
@@ -304,6 +306,7 @@ def fit(
     loaded back. One optimizer serves all epochs, so Adam's moments carry over
     as in one long `train` call.
     """
+    check_model(model)
     if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
         raise ValueError(f"max_epochs must be an int >= 1, got {max_epochs!r}")
     if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
@@ -335,6 +338,7 @@ def fit(
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) over the whole loader, in eval mode."""
+    check_model(model)
     model.eval()
     device = model_device(model)
     logits, labels = [], []
@@ -346,6 +350,7 @@ def predict(model: nn.Module, loader: Iterable) -> tuple[torch.Tensor, torch.Ten
 
 def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable | None = None) -> dict[str, float]:
     """{"loss": mean loss, "accuracy": fraction correct} on `loader`."""
+    check_model(model)
     logits, labels = predict(model, loader)
     loss = (loss_fn or F.cross_entropy)(logits, labels).item()
     return {"loss": loss, "accuracy": accuracy(logits, labels)}
@@ -452,6 +457,7 @@ def train_lm(
     `loss_fn(student_logits, y, teacher_logits_or_None)` replaces cross entropy,
     for distillation; `teacher` is run without gradients when given.
     """
+    check_model(model)
     from .data import lm_batches
 
     optimizer = _wrap(optimizer or torch.optim.AdamW(model.parameters(), lr=lr), model)
@@ -478,6 +484,7 @@ def train_lm(
 @torch.no_grad()
 def perplexity(model: nn.Module, tokens: torch.Tensor, block_size: int = 64, batch_size: int = 16, max_tokens: int | None = None) -> float:
     """exp(mean next-token loss) over consecutive, non-overlapping windows of `tokens`."""
+    check_model(model)
     model.eval()
     if max_tokens is not None:
         tokens = tokens[: max_tokens + 1]

@@ -8,6 +8,7 @@ fails its row.
 from __future__ import annotations
 
 import math
+import tempfile
 
 import pytest
 import torch
@@ -59,3 +60,68 @@ def test_soft_penalty_error_names_the_argument():
         movement.soft_penalty([])
     with pytest.raises(ValueError, match="score_tensors"):
         movement.soft_penalty([nn.Parameter(torch.zeros(0))])
+
+
+# ---------------------------------------------------------------- bad input, module by module (issue 25, item 8)
+
+
+def _lenet():
+    from chapter11.models import LeNet300100
+
+    return LeNet300100()
+
+
+def _cases():
+    from chapter11 import csr, deep_compression, masks, report, sparsity, stats
+    from chapter11.structured import channels, heads, llm
+
+    W = torch.randn(4, 8)
+    return {
+        # sparsity
+        "check_amount n=-4": (lambda: sparsity.check_amount(0.5, n=-4), ValueError, "n .*must be an int >= 0"),
+        "check_model None": (lambda: sparsity.check_model(None), TypeError, "model must be a torch.nn.Module"),
+        # masks: model=None in every function that takes a model
+        **{f"masks.{fn} None": (lambda fn=fn: getattr(masks, fn)(None), TypeError, "model must be a torch.nn.Module")
+           for fn in ("masks_of", "remove_masks", "enforce_masks", "mask_gradients", "to_torch_prune", "from_torch_prune")},
+        "apply_masks None": (lambda: masks.apply_masks(None, {}), TypeError, "model must be a torch.nn.Module"),
+        # movement, heads, llm: model=None
+        **{f"movement.{fn} None": (lambda fn=fn: getattr(movement, fn)(None), TypeError, "model must be")
+           for fn in ("encoder_linear_names", "wrap_linears", "masked_layers", "masked_sparsity", "finalize")},
+        "standardize str": (lambda: movement.standardize("abc"), TypeError, "x must be a torch.Tensor"),
+        "forward_macs None": (lambda: heads.forward_macs(None), TypeError, "model must be"),
+        **{f"llm.{fn} None": (lambda fn=fn: getattr(llm, fn)(None), TypeError, "model must be")
+           for fn in ("mlp_widths", "parameter_count", "mlp_modules")},
+        # channels: plans hold ints only
+        "remove_channels 1.5": (lambda: channels.remove_channels(_lenet(), {"fc1": [1.5]}), TypeError, "unit indices must be ints"),
+        "remove_channels True": (lambda: channels.remove_channels(_lenet(), {"fc1": [True]}), TypeError, "unit indices must be ints"),
+        "remove_channels '12'": (lambda: channels.remove_channels(_lenet(), {"fc1": "12"}), TypeError, "must be a list of unit indices"),
+        # stats
+        "summarize overflow": (lambda: stats.summarize([1e308, 1e308]), ValueError, "too large"),
+        "summarize_loop overflow": (lambda: stats.summarize_loop([1e308, 1e308]), ValueError, "too large"),
+        "summarize confidence=5": (lambda: stats.summarize([1.0, 2.0], confidence=5), ValueError, "confidence must be a number in"),
+        "summarize_loop confidence=5": (lambda: stats.summarize_loop([1.0, 2.0], confidence=5), ValueError, "confidence"),
+        # deep compression
+        "huffman_decode nbits=-1": (lambda: deep_compression.huffman_decode(deep_compression.huffman_encode([0, 1, 1])[0], b"\x00", -1),
+                                    ValueError, "nbits must be an int >= 0"),
+        "kmeans_1d NaN": (lambda: deep_compression.kmeans_1d(torch.tensor([0.0, float("nan"), 1.0]), 2), ValueError, "NaN or infinite"),
+        "kmeans_1d init size": (lambda: deep_compression.kmeans_1d(torch.tensor([0.0, 0.5, 1.0]), 2, init=torch.zeros(3)), ValueError,
+                                "init must be a finite tensor of k = 2"),
+        # csr
+        "storage_bytes n=5 m=4": (lambda: csr.storage_bytes(W, n=5, m=4), ValueError, "1 <= n <= m"),
+        # lottery
+        "LotteryConfig seed='a'": (lambda: lottery.LotteryConfig(seed="a"), ValueError, "seed must be an int"),
+        "LotteryConfig data_seed=-1": (lambda: lottery.LotteryConfig(data_seed=-1), ValueError, "data_seed must be an int"),
+        # report: names stay inside the recorded-runs folder
+        "load_full_run ../outside": (lambda: report.load_full_run("../outside"), ValueError, "plain file stem"),
+        "save_full_run ..": (lambda: report.save_full_run("..", {}, {}, "x", 1.0, folder=tempfile.mkdtemp()), ValueError, "plain file stem"),
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_raises_a_clear_error(case):
+    call, error, message = CASES[case]
+    with pytest.raises(error, match=message):
+        call()

@@ -59,7 +59,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from chapter11.masks import _mark, apply_masks, refuse_torch_prune
-from chapter11.sparsity import check_amount
+from chapter11.sparsity import check_amount, check_model
 
 __all__ = [
     "Group", "filter_norms_loop", "filter_norms", "taylor_importance_loop", "taylor_importance",
@@ -263,6 +263,7 @@ def dependency_groups(model: nn.Module) -> dict[str, Group]:
     >>> dependency_groups(LeNet300100())["fc1"]
     Group(producer='fc1', norm=None, consumers=('fc2',))
     """
+    check_model(model)
     from chapter11.models import LeNet300100, SmallCNN, TransformerClassifier
 
     if isinstance(model, LeNet300100):
@@ -313,7 +314,14 @@ def _check_plan(model: nn.Module, plan, groups: dict[str, Group]) -> dict[str, l
         if layer not in groups:
             raise ValueError(f"plan: unknown or unprunable layer {layer!r}; prunable layers are {sorted(groups)}")
         n = model.get_submodule(layer).weight.shape[0]
-        idx = sorted({int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)})
+        values = indices.tolist() if isinstance(indices, torch.Tensor) else indices
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise TypeError(f"plan[{layer!r}] must be a list of unit indices, got {type(indices).__name__}")
+        values = list(values)
+        bad = [i for i in values if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+        if bad:
+            raise TypeError(f"plan[{layer!r}]: unit indices must be ints, got {bad[0]!r}")
+        idx = sorted({int(i) for i in values})
         if idx and (idx[0] < 0 or idx[-1] >= n):
             raise ValueError(f"plan[{layer!r}]: indices must be in [0, {n}), got {idx[0]}..{idx[-1]}")
         if len(idx) >= n:
@@ -377,6 +385,7 @@ def channel_scores(
     every group needs a norm) or "random" (uniform scores from `seed`, the
     control that ignores the model).
     """
+    check_model(model)
     groups = _groups_for(model, groups)
     if criterion in ("l1", "l2"):
         p = 1 if criterion == "l1" else 2
@@ -440,6 +449,7 @@ def mask_channels(model: nn.Module, plan: Mapping[str, Sequence[int]], groups=No
     >>> int((model.fc1.weight.abs().sum(1) == 0).sum())
     2
     """
+    check_model(model)
     groups = _groups_for(model, groups)
     plan = _check_plan(model, plan, groups)
     masks = {}
@@ -573,6 +583,7 @@ def remove_channels(model: nn.Module, plan: Mapping[str, Sequence[int]], groups=
     >>> small.fc1.weight.shape, small.fc2.weight.shape, small.fc3.weight.shape
     (torch.Size([200, 40]), torch.Size([99, 200]), torch.Size([10, 99]))
     """
+    check_model(model)
     refuse_torch_prune(model)
     groups = _groups_for(model, groups)
     plan = _check_plan(model, plan, groups)
@@ -639,6 +650,7 @@ def recalibrate_batchnorm_loop(model: nn.Module, batches: Iterable, max_batches:
     >>> bn.running_mean, bn.running_var  # means 2 and 5, unbiased variances 2 and 0
     (tensor([3.5000]), tensor([1.]))
     """
+    check_model(model)
     norms = _norms(model)
     max_batches = _check_max_batches(max_batches)
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in norms}
@@ -693,6 +705,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int 
     >>> bn.running_mean, bn.running_var
     (tensor([3.5000]), tensor([1.]))
     """
+    check_model(model)
     norms = _norms(model)
     max_batches = _check_max_batches(max_batches)
     saved = {name: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for name, m in norms.items()}
@@ -747,6 +760,7 @@ def count_macs_loop(model: nn.Module, example_input) -> int:
     >>> count_macs_loop(nn.Linear(3, 2), torch.zeros(4, 3))
     24
     """
+    check_model(model)
     total = 0
 
     def hook(module, inputs, out):
@@ -769,6 +783,7 @@ def count_macs(model: nn.Module, example_input, by_layer: bool = False):
     >>> count_macs(nn.Conv1d(2, 4, 3), torch.zeros(1, 2, 10))
     192
     """
+    check_model(model)
     names = {m: n for n, m in model.named_modules()}
     found: dict[str, int] = {}
 
@@ -789,6 +804,7 @@ def count_flops(model: nn.Module, example_input) -> int:
     >>> count_flops(nn.Linear(3, 2, bias=False), torch.zeros(4, 3))
     48
     """
+    check_model(model)
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)

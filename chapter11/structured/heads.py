@@ -60,6 +60,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..sparsity import check_model
+
 
 __all__ = [
     "attention_layers", "head_gates", "head_importance_loop", "head_importance", "per_example_loss", "mask_heads",
@@ -156,6 +158,7 @@ def kept_heads(model: nn.Module) -> dict[int, list[int]]:
     >>> kept_heads(model)
     {0: [0, 3], 1: [0, 1, 2, 3]}
     """
+    check_model(model)
     return {i: layer.kept for i, layer in enumerate(attention_layers(model))}
 
 
@@ -202,6 +205,7 @@ def head_gates(model: nn.Module, gates: list[torch.Tensor]):
     >>> same
     True
     """
+    check_model(model)
     layers = attention_layers(model)
     if len(gates) != len(layers):
         raise ValueError(f"gates: need one tensor per attention layer ({len(layers)}), got {len(gates)}")
@@ -250,6 +254,7 @@ def per_example_loss(model: nn.Module, batch) -> torch.Tensor:
     >>> per_example_loss(model, (torch.tensor([[0., 0.], [9., 0.]]), torch.tensor([0, 0]))).detach().round(decimals=3)
     tensor([0.6930, 0.0000])
     """
+    check_model(model)
     inputs, y = _split_batch(batch)
     out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
     logits = out.logits if hasattr(out, "logits") else out
@@ -352,6 +357,7 @@ def head_importance_loop(
     >>> head_importance_loop(model, [batch]).shape
     torch.Size([1, 2])
     """
+    check_model(model)
     layers = _start(model, batches)
     per = _check_per(per)
     loss_fn = loss_fn or per_example_loss
@@ -406,6 +412,7 @@ def head_importance(
     >>> torch.allclose(head_importance(model, [batch]), head_importance_loop(model, [batch]), atol=1e-6)
     True
     """
+    check_model(model)
     layers = _start(model, batches)
     per = _check_per(per)
     loss_fn = loss_fn or per_example_loss
@@ -652,6 +659,7 @@ def mask_heads(model: nn.Module, head_mask) -> nn.Module:
     >>> model.blocks[0].attn.o.weight[:, 2:4].abs().sum().item(), model.blocks[0].attn.o.weight[:, :2].ne(0).all().item()
     (0.0, True)
     """
+    check_model(model)
     layers = attention_layers(model)
     plan = _mask_to_plan(layers, head_mask)
     for l, heads in plan.items():
@@ -740,6 +748,7 @@ def remove_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> nn.Mod
     >>> model.blocks[1].attn.q.weight.shape, model.blocks[1].attn.o.weight.shape, model.blocks[1].attn.n_heads
     (torch.Size([4, 8]), torch.Size([8, 4]), 2)
     """
+    check_model(model)
     layers = attention_layers(model)
     plan = _check_plan(layers, heads, "heads")
     for l, ids in plan.items():  # validate everything before changing anything
@@ -790,6 +799,7 @@ def forward_macs(model: nn.Module, *args, **kwargs) -> int:
     >>> forward_macs(nn.Linear(3, 2), torch.zeros(5, 3))
     30
     """
+    check_model(model)
     total = [0]
     handles = []
 

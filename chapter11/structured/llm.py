@@ -53,6 +53,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..sparsity import check_model
 from .heads import _as_index, _slice_linear, attention_layers
 
 __all__ = [
@@ -84,6 +85,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def mlp_modules(model: nn.Module) -> list[nn.Module]:
     """The gated MLP of every block (modules with gate_proj, up_proj and down_proj)."""
+    check_model(model)
     mlps = [block.mlp for block in decoder_layers(model)]
     for i, mlp in enumerate(mlps):
         if not all(isinstance(getattr(mlp, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")):
@@ -98,6 +100,7 @@ def mlp_widths(model: nn.Module) -> list[int]:
     >>> mlp_widths(tiny_llama(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=8))
     [8, 8]
     """
+    check_model(model)
     try:
         return [mlp.down_proj.in_features for mlp in mlp_modules(model)]
     except TypeError:
@@ -114,6 +117,7 @@ def _sync_config_width(model: nn.Module) -> None:
 def set_mlp_widths(model: nn.Module, widths: Sequence[int]) -> nn.Module:
     """Shrink every MLP to `widths[i]` neurons, keeping the first ones (used to rebuild a
     checkpoint's shapes before loading its weights; to prune, use `remove_neurons`)."""
+    check_model(model)
     mlps = mlp_modules(model)
     if len(widths) != len(mlps):
         raise ValueError(f"widths: need one width per block ({len(mlps)}), got {len(widths)}")
@@ -189,6 +193,7 @@ def neuron_importance(model: nn.Module, batches: Iterable) -> dict[int, torch.Te
     Each batch is a (B, T) tensor of token ids (or an (x, y) pair); scores
     are token-weighted means, so they do not depend on how text is batched.
     """
+    check_model(model)
     mlps = mlp_modules(model)
     device = next(model.parameters()).device
     totals = [torch.zeros(mlp.down_proj.in_features) for mlp in mlps]
@@ -248,6 +253,7 @@ def mask_neurons(model: nn.Module, plan: Mapping[int, Iterable[int]]) -> nn.Modu
     >>> model.model.layers[0].mlp.down_proj.weight[:, 1].abs().sum().item()
     0.0
     """
+    check_model(model)
     mlps = mlp_modules(model)
     for layer, ids in _check_neuron_plan(mlps, plan).items():
         mlp = mlps[layer]
@@ -280,6 +286,7 @@ def remove_neurons(model: nn.Module, plan: Mapping[int, Iterable[int]]) -> nn.Mo
     >>> mlp_widths(model), model.config.intermediate_size
     ([4, 4], 4)
     """
+    check_model(model)
     mlps = mlp_modules(model)
     for layer, ids in _check_neuron_plan(mlps, plan).items():
         if ids:
@@ -333,6 +340,7 @@ def block_influence(model: nn.Module, batches: Iterable) -> torch.Tensor:
     Low BI: the block's output points where its input did, so removing it
     changes the residual stream least.
     """
+    check_model(model)
     blocks = decoder_layers(model)
     device = next(model.parameters()).device
     sums = torch.zeros(len(blocks), dtype=torch.float64)
@@ -382,6 +390,7 @@ def remove_blocks(model: nn.Module, blocks: Iterable[int]) -> nn.Module:
     >>> model.config.num_hidden_layers, [b.self_attn.layer_idx for b in model.model.layers]
     (2, [0, 1])
     """
+    check_model(model)
     layers = decoder_layers(model)
     if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Iterable):
         raise TypeError(f"blocks must be a list of block indices, got {blocks!r}")
@@ -419,6 +428,7 @@ def parameter_count(model: nn.Module) -> int:
     >>> parameter_count(nn.Linear(3, 2))
     8
     """
+    check_model(model)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -450,6 +460,7 @@ def macs_by_part(model: nn.Module, input_ids: torch.Tensor, context: int | None 
     step over a cache of c positions). Embedding lookups and norms count 0.
     Without `context` the values sum to `heads.forward_macs(model, input_ids)`.
     """
+    check_model(model)
     if context is not None:
         context = _as_index(context, "context")
         if context < 1:
@@ -499,6 +510,7 @@ def macs_per_token(model: nn.Module, context: int) -> int:
 
     (q, k, v, o: 4 x 16; MLP: 3 x 4 x 6 = 72; lm_head: 4 x 10 = 40; products: 2 x 2 heads x 3 x 2 dims = 24.)
     """
+    check_model(model)
     context = _as_index(context, "context")
     if context < 1:
         raise ValueError(f"context must be >= 1, got {context}")
