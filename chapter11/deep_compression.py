@@ -467,6 +467,8 @@ def compress_layer(shared: SharedLayer) -> CompressedLayer:
     """
     # structure comes from the mask: a kept weight whose centroid is exactly 0.0
     # would otherwise vanish from a value-based CSR
+    if not isinstance(shared, SharedLayer):
+        raise TypeError(f"shared must be a SharedLayer (from share_weights), got {type(shared).__name__}")
     row_ptr, offsets = relative_offsets(shared.mask)
     indices = shared.indices.tolist()
     index_code, index_data, index_nbits = huffman_encode(indices) if indices else (HuffmanCode({0: 1}), b"", 0)
@@ -526,6 +528,8 @@ def storage_table(shared: Mapping[str, SharedLayer], verify: bool = True) -> lis
     >>> row.dense_bits, row.csr_bits, row.shared_bits  # header 128 + row_ptr 3 x 2 bits = 134
     (192, 233, 204)
     """
+    if not isinstance(shared, Mapping):
+        raise TypeError(f"shared must map layer names to SharedLayer (from share_weights), got {type(shared).__name__}")
     if not shared:
         raise ValueError("shared must hold at least one layer (see share_weights)")
     rows = []
@@ -548,6 +552,8 @@ def storage_table(shared: Mapping[str, SharedLayer], verify: bool = True) -> lis
 
 def format_storage_table(rows: Sequence[StorageRow]) -> str:
     """Bytes (bits / 8, rounded up) and ratios per stage as a fixed-width table."""
+    if isinstance(rows, (str, bytes)) or not all(isinstance(r, StorageRow) for r in rows):
+        raise TypeError("rows must be a list of StorageRow (from storage_table)")
     header = f"{'layer':<12}{'weights':>9}{'kept':>8}{'dense B':>10}{'CSR B':>9}{'+share B':>10}{'+Huff B':>9}{'CSR x':>7}{'share x':>9}{'Huff x':>8}"
     lines = [header, "-" * len(header)]
     for r in rows:

@@ -283,6 +283,8 @@ def crossovers(rows: Iterable[Mapping], by: Sequence[str] = ("out_features", "in
     {('m', 'graph'): 1024}
     """
     groups: dict[tuple, list[tuple[int, float]]] = {}
+    if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Iterable):
+        raise TypeError(f"rows must be a list of benchmark rows (dicts), got {type(rows).__name__}")
     for r in rows:
         if r.get("error"):
             continue

@@ -280,6 +280,8 @@ def plot_schedules(schedules: Mapping[str, Sequence[float]], ax=None, title: str
     """
     import matplotlib.pyplot as plt
 
+    if not isinstance(schedules, Mapping) or not schedules:
+        raise TypeError(f"schedules must map names to lists of sparsities, got {type(schedules).__name__}")
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
     markers = "osd^v<>"

@@ -229,6 +229,8 @@ def plot_sensitivity(result: SensitivityResult, ax=None, allocation: Mapping[str
     """One curve per layer (metric vs sparsity %); marks the `allocation` if given."""
     import matplotlib.pyplot as plt
 
+    if not isinstance(result, SensitivityResult):
+        raise TypeError(f"result must be a SensitivityResult (from sensitivity_scan), got {type(result).__name__}")
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
     xs = [100 * s for s in result.sparsities]

@@ -111,6 +111,13 @@ def _cases():
         # lottery
         "LotteryConfig seed='a'": (lambda: lottery.LotteryConfig(seed="a"), ValueError, "seed must be an int"),
         "LotteryConfig data_seed=-1": (lambda: lottery.LotteryConfig(data_seed=-1), ValueError, "data_seed must be an int"),
+        # plots and tables of results: the wrong object says which one is expected
+        "plot_schedules None": (lambda: __import__("chapter11.schedules", fromlist=["x"]).plot_schedules(None), TypeError, "schedules must map"),
+        "plot_sensitivity str": (lambda: sensitivity.plot_sensitivity("abc"), TypeError, "result must be a SensitivityResult"),
+        "compress_layer None": (lambda: deep_compression.compress_layer(None), TypeError, "shared must be a SharedLayer"),
+        "storage_table str": (lambda: deep_compression.storage_table("abc"), TypeError, "shared must map layer names"),
+        "format_storage_table str": (lambda: deep_compression.format_storage_table("abc"), TypeError, "rows must be a list of StorageRow"),
+        "crossovers str": (lambda: __import__("chapter11.nm", fromlist=["x"]).crossovers("abc"), TypeError, "rows must be a list"),
         # report: names stay inside the recorded-runs folder
         "load_full_run ../outside": (lambda: report.load_full_run("../outside"), ValueError, "plain file stem"),
         "save_full_run ..": (lambda: report.save_full_run("..", {}, {}, "x", 1.0, folder=tempfile.mkdtemp()), ValueError, "plain file stem"),
