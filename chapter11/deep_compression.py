@@ -366,6 +366,8 @@ def huffman_encode(symbols: Sequence[int]) -> tuple[HuffmanCode, bytes, int]:
     >>> code.codes, data, nbits  # bits 001, zero-padded to one byte 0x20
     ({5: '0', 6: '1'}, b' ', 3)
     """
+    if isinstance(symbols, (str, bytes)) or not isinstance(symbols, Iterable):
+        raise TypeError(f"symbols must be a sequence of ints, got {type(symbols).__name__}")
     code = HuffmanCode.from_symbols(symbols)
     data, nbits = code.encode(symbols)
     return code, data, nbits
@@ -552,7 +554,7 @@ def storage_table(shared: Mapping[str, SharedLayer], verify: bool = True) -> lis
 
 def format_storage_table(rows: Sequence[StorageRow]) -> str:
     """Bytes (bits / 8, rounded up) and ratios per stage as a fixed-width table."""
-    if isinstance(rows, (str, bytes)) or not all(isinstance(r, StorageRow) for r in rows):
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable) or not all(isinstance(r, StorageRow) for r in rows):
         raise TypeError("rows must be a list of StorageRow (from storage_table)")
     header = f"{'layer':<12}{'weights':>9}{'kept':>8}{'dense B':>10}{'CSR B':>9}{'+share B':>10}{'+Huff B':>9}{'CSR x':>7}{'share x':>9}{'Huff x':>8}"
     lines = [header, "-" * len(header)]

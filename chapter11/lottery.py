@@ -726,6 +726,8 @@ def seed_table(results: Iterable[LotteryResult], runs: Iterable[str] = RUNS, key
     >>> seed_table([a, b], runs=["ticket"], key="acc")
     {'density': [1.0, 0.8], 'seeds': [0, 1], 'ticket': [[0.5, 0.7], [0.6, 0.8]]}
     """
+    if not isinstance(results, Iterable) or not isinstance(runs, Iterable):
+        raise TypeError(f"results must be LotteryResults (from find_tickets) and runs names, got {type(results).__name__}")
     results, runs = list(results), list(runs)
     if not results or not all(isinstance(r, LotteryResult) for r in results):
         raise TypeError("results must be a non-empty list of LotteryResult (see find_tickets)")
@@ -753,6 +755,8 @@ def seed_curve(table: Mapping, run: str = "ticket") -> tuple[list[float], list[S
     >>> xs, [round(s.mean, 2) for s in ys]
     ([1.0, 0.8], [0.6, 0.7])
     """
+    if not isinstance(table, Mapping):
+        raise TypeError(f"table must be the dict seed_table returns, got {type(table).__name__}")
     if run not in table:
         raise ValueError(f"run {run!r} is not in the table; it holds {sorted(k for k in table if k not in ('density', 'seeds'))}")
     return list(table["density"]), [summarize(values) for values in table[run]]
@@ -760,6 +764,8 @@ def seed_curve(table: Mapping, run: str = "ticket") -> tuple[list[float], list[S
 
 def load_lottery(path: str | os.PathLike) -> LotteryResult:
     """Read back a search saved by `find_ticket(..., path=path)` without training anything."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a folder path, got {type(path).__name__}")
     path = Path(path)
     file = path / RECORDS
     if not file.is_file():

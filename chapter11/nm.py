@@ -191,6 +191,8 @@ def llm_shapes(names: Sequence[str] = ("smollm2-135m", "llama-1b", "llama-7b")) 
     >>> llm_shapes(["smollm2-135m"])
     [(576, 576), (192, 576), (1536, 576), (576, 1536)]
     """
+    if names is None or not isinstance(names, (str, Iterable)):
+        raise TypeError(f"names must be a width name or a list of them, got {type(names).__name__}")
     if isinstance(names, str):
         names = [names]
     shapes: list[tuple[int, int]] = []

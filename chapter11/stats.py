@@ -77,6 +77,8 @@ def _check_confidence(confidence) -> None:
 
 
 def _floats(values: Iterable, name: str = "values") -> list[float]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a sequence of numbers, got {type(values).__name__}")
     out = []
     for v in values:
         if hasattr(v, "item") and callable(v.item):

@@ -118,6 +118,15 @@ def _cases():
         "storage_table str": (lambda: deep_compression.storage_table("abc"), TypeError, "shared must map layer names"),
         "format_storage_table str": (lambda: deep_compression.format_storage_table("abc"), TypeError, "rows must be a list of StorageRow"),
         "crossovers str": (lambda: __import__("chapter11.nm", fromlist=["x"]).crossovers("abc"), TypeError, "rows must be a list"),
+        # None where a sequence or a path belongs
+        "summarize None": (lambda: stats.summarize(None), TypeError, "values must be a sequence of numbers"),
+        "summarize_loop None": (lambda: stats.summarize_loop(None), TypeError, "values must be a sequence of numbers"),
+        "huffman_encode None": (lambda: deep_compression.huffman_encode(None), TypeError, "symbols must be a sequence"),
+        "seed_table None": (lambda: lottery.seed_table(None), TypeError, "results must be LotteryResults"),
+        "seed_curve None": (lambda: lottery.seed_curve(None), TypeError, "table must be the dict seed_table returns"),
+        "load_lottery None": (lambda: lottery.load_lottery(None), TypeError, "path must be a folder path"),
+        "llm_shapes None": (lambda: __import__("chapter11.nm", fromlist=["x"]).llm_shapes(None), TypeError, "names must be"),
+        "plan_from_order None": (lambda: heads.plan_from_order(None), TypeError, "order must be the list"),
         # report: names stay inside the recorded-runs folder
         "load_full_run ../outside": (lambda: report.load_full_run("../outside"), ValueError, "plain file stem"),
         "save_full_run ..": (lambda: report.save_full_run("..", {}, {}, "x", 1.0, folder=tempfile.mkdtemp()), ValueError, "plain file stem"),

@@ -609,6 +609,8 @@ def plan_from_order(order: Iterable[tuple], per_layer: int | None = None) -> dic
     >>> plan_from_order([(1, 3), (0, 2), (1, 0)], per_layer=1)
     {0: [2], 1: [3]}
     """
+    if isinstance(order, (str, bytes)) or not isinstance(order, Iterable):
+        raise TypeError(f"order must be the list removal_order or group_removal_order returns, got {type(order).__name__}")
     if per_layer is not None:
         per_layer = _check_count(per_layer, "per_layer", minimum=0)
     plan: dict[int, list[int]] = {}
