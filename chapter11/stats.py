@@ -6,11 +6,16 @@
   returns (a number, or a dict of numbers summarised key by key).
 - `difference(a, b)`: paired difference of two methods run on the same seeds,
   with its interval; `separated(a, b)` says whether that interval excludes 0.
+- `prediction_interval_loop` / `prediction_interval`: where the mean of `m`
+  new seeds should land, given a recorded run of n seeds, with a Bonferroni
+  correction when several such checks are made at once: how a notebook's
+  few live seeds are checked against its recorded run on any CPU.
 
 The rule the notebooks follow: a difference whose 95% interval contains zero
 is reported as "no difference at this budget", never as a finding.
 
-But: no multiple-comparison correction and no bootstrap; with 3-5 seeds the
+But: no multiple-comparison correction for the intervals (only for the
+prediction checks) and no bootstrap; with 3-5 seeds the
 t interval is wide on purpose, and that is the honest answer.
 
     >>> s = summarize([0.5, 0.6, 0.7])
@@ -26,7 +31,8 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Summary", "summarize_loop", "summarize", "t_critical", "over_seeds", "difference", "separated"]
+__all__ = ["Summary", "summarize_loop", "summarize", "t_critical", "over_seeds", "difference", "separated",
+           "prediction_interval_loop", "prediction_interval"]
 
 
 @dataclass(frozen=True)
@@ -187,3 +193,54 @@ def separated(a: Iterable[float] | Summary, b: Iterable[float] | Summary, confid
     """
     d = difference(a, b, confidence)
     return d.n > 1 and (d.low > 0 or d.high < 0)
+
+
+def _check_prediction(recorded, m, checks, confidence) -> list[float]:
+    xs = _floats(recorded, "recorded")
+    if len(xs) < 2:
+        raise ValueError(f"recorded needs at least 2 values for a spread, got {len(xs)}")
+    for name, value in (("m", m), ("checks", checks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _check_confidence(confidence)
+    return xs
+
+
+def prediction_interval_loop(recorded: Iterable[float], m: int = 1, checks: int = 1, confidence: float = 0.99) -> tuple[float, float]:
+    """(low, high) for the mean of `m` new draws from the distribution `recorded` came from, in loops.
+
+    mean ± t_{n-1, 1 - alpha/(2 checks)} * sd * sqrt(1/m + 1/n), alpha = 1 -
+    confidence: the Student-t prediction interval for a mean of m, with a
+    Bonferroni correction so that `checks` such intervals together miss
+    with probability at most alpha when nothing changed.
+
+    >>> low, high = prediction_interval_loop([0.30, 0.35, 0.40], m=1)
+    >>> round(low, 3), round(high, 3)
+    (-0.223, 0.923)
+    """
+    xs = _check_prediction(recorded, m, checks, confidence)
+    n = len(xs)
+    total = 0.0
+    for x in xs:
+        total += x
+    mean = total / n
+    squares = 0.0
+    for x in xs:
+        squares += (x - mean) ** 2
+    sd = math.sqrt(squares / (n - 1))
+    half = t_critical(n - 1, 1 - (1 - confidence) / checks) * sd * math.sqrt(1 / m + 1 / n)
+    return mean - half, mean + half
+
+
+def prediction_interval(recorded: Iterable[float], m: int = 1, checks: int = 1, confidence: float = 0.99) -> tuple[float, float]:
+    """Vectorised `prediction_interval_loop` (numpy).
+
+    >>> low, high = prediction_interval([0.30, 0.35, 0.40] * 4, m=3, checks=8)
+    >>> round(low, 3), round(high, 3)
+    (0.232, 0.468)
+    """
+    import numpy as np
+
+    xs = np.asarray(_check_prediction(recorded, m, checks, confidence), dtype=np.float64)
+    half = t_critical(int(xs.size) - 1, 1 - (1 - confidence) / checks) * float(xs.std(ddof=1)) * math.sqrt(1 / m + 1 / xs.size)
+    return float(xs.mean()) - half, float(xs.mean()) + half

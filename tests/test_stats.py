@@ -125,3 +125,20 @@ def test_fit_stops_early_and_restores_the_best_epoch():
     assert evaluate(model, validation_loader(split))["accuracy"] == result.best_val_accuracy  # best weights restored
     with pytest.raises(ValueError, match="patience"):
         fit(model, train_loader, validation_loader(split), patience=0)
+
+
+def test_prediction_interval_twins_agree_and_widen_with_more_checks():
+    from chapter11.stats import prediction_interval, prediction_interval_loop
+
+    recorded = [0.34, 0.36, 0.40, 0.37, 0.33, 0.35, 0.34, 0.35, 0.30, 0.34, 0.36, 0.35]
+    for m, checks in ((1, 1), (3, 8), (5, 24)):
+        a, b = prediction_interval_loop(recorded, m, checks), prediction_interval(recorded, m, checks)
+        assert a == pytest.approx(b, abs=1e-12)
+    one = prediction_interval(recorded, m=3, checks=1)
+    many = prediction_interval(recorded, m=3, checks=8)
+    assert many[0] < one[0] < one[1] < many[1]  # a Bonferroni correction widens each interval
+    assert prediction_interval(recorded, m=12)[1] - prediction_interval(recorded, m=12)[0] < one[1] - one[0] + 1e-9
+    with pytest.raises(ValueError, match="at least 2 values"):
+        prediction_interval([0.3])
+    with pytest.raises(ValueError, match="checks must be a positive int"):
+        prediction_interval(recorded, checks=0)
