@@ -735,25 +735,91 @@ def _samples(lab: str, samples: Path = SAMPLES) -> list[Path]:
     return sorted(folder.glob("*.py")) if folder.is_dir() else []
 
 
-def _reset(course: Path) -> None:
-    """Remove what an earlier build made (only nbgrader's own folders and files)."""
-    for name in ("source", "release", "submitted", "autograded", "feedback", ".ipython", ".jupyter"):
-        shutil.rmtree(course / name, ignore_errors=True)
-    for name in ("gradebook.db", "scores.csv", "nbgrader_config.py"):
-        (course / name).unlink(missing_ok=True)
+def _ours(student: str) -> bool:
+    """The build's own submitters: the reference solution and the wrong samples."""
+    return student == "reference" or student.startswith("sample-")
+
+
+def course_state(course: Path) -> list[str]:
+    """What in `course` belongs to a real course: submissions, grades or feedback of real students.
+
+    The build never removes any of it; `build` refuses to write beside it
+    unless told (`live_course=True`, `--live-course`).
+    """
+    course = Path(course)
+    found = [f"{part}/{d.name}" for part in ("submitted", "autograded", "feedback") if (course / part).is_dir()
+             for d in sorted((course / part).iterdir()) if d.is_dir() and not _ours(d.name)]
+    gradebook = course / "gradebook.db"
+    if gradebook.is_file():
+        from nbgrader.api import Gradebook
+
+        with Gradebook(f"sqlite:///{gradebook}") as gb:
+            students = [s.id for s in gb.students if not _ours(s.id)]
+        if students:
+            found.append(f"gradebook.db ({len(students)} students: {', '.join(students[:3])}{', ...' if len(students) > 3 else ''})")
+    return found
+
+
+def survey_submissions(submitted: Path, labs: Sequence[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Notebooks under `submitted` that will be graded, and those that will not, each with the reason.
+
+    Graded: `<student>/<lab>/<lab>.ipynb` for a lab in `labs`. Anything else
+    ending in .ipynb is listed as ignored, so a misnamed copy or a missing
+    student folder is never skipped silently.
+    """
+    submitted = Path(submitted)
+    found, ignored = [], []
+    names = set(lab_names())
+    for nb in sorted(submitted.rglob("*.ipynb")):
+        parts = nb.relative_to(submitted).parts
+        if ".ipynb_checkpoints" in parts:
+            ignored.append((nb, "a Jupyter autosave copy (.ipynb_checkpoints)"))
+        elif len(parts) != 3:
+            ignored.append((nb, f"not at <student>/<lab>/<lab>.ipynb ({len(parts) - 1} folder levels instead of 2)"))
+        elif parts[1] not in names:
+            ignored.append((nb, f"{parts[1]!r} is not a lab"))
+        elif parts[2] != f"{parts[1]}.ipynb":
+            ignored.append((nb, f"named {parts[2]!r}, not {parts[1]}.ipynb"))
+        elif parts[1] not in labs:
+            ignored.append((nb, f"{parts[1]} was not chosen (--only)"))
+        else:
+            found.append(nb)
+    return found, ignored
+
+
+def _clear_own(course: Path, labs: Sequence[str]) -> None:
+    """Remove what an earlier build made for `labs`, and nothing else: their source and release folders,
+    and the reference's and samples' submissions, grades and feedback (the gradebook keeps everything)."""
+    for lab in labs:
+        for part in ("source", "release"):
+            shutil.rmtree(course / part / lab, ignore_errors=True)
+        for part in ("submitted", "autograded", "feedback"):
+            folder = course / part
+            for student in sorted(folder.iterdir()) if folder.is_dir() else []:
+                if _ours(student.name):
+                    shutil.rmtree(student / lab, ignore_errors=True)
 
 
 FIELDS = ("lab", "submission", "kind", "score", "max_score", "manual_pending", "failed_tests", "seconds", "note")
 
 
 def build(out: Path = BUILD, only: Sequence[str] | None = None, samples: bool = True, release_only: bool = False,
-          submitted: Path | None = None, full: bool = False, log=print) -> list[dict]:
+          submitted: Path | None = None, full: bool = False, live_course: bool = False, log=print) -> list[dict]:
     """Make the nbgrader course in `out`: release, autograded reference and samples, scores.csv.
 
     `only` picks labs by name or number ("lab_01", "03", "project_2");
     `submitted` is a folder of real submissions in nbgrader's layout
-    (`<student>/<lab>/<lab>.ipynb`), graded beside the reference. Returns
-    the score rows (empty with `release_only`).
+    (`<student>/<lab>/<lab>.ipynb`), graded beside the reference; it may be
+    the course's own `submitted/` (after `nbgrader collect`). Returns the
+    score rows (empty with `release_only`).
+
+    The build only adds or replaces what it makes: the chosen labs' source
+    and release, the reference's and samples' submissions and grades, and
+    `scores.csv`. It never removes a student's submission, grade or
+    feedback, other labs' releases, or the gradebook; and it refuses
+    (ValueError) to write into a folder that holds any of them
+    (`course_state`) unless `live_course=True`. In a live course an
+    existing `nbgrader_config.py` is kept.
     """
     from .report import atomic_write_text
 
@@ -767,9 +833,17 @@ def build(out: Path = BUILD, only: Sequence[str] | None = None, samples: bool = 
     if submitted is not None and not Path(submitted).is_dir():
         raise FileNotFoundError(f"submitted: no folder at {str(submitted)!r}")
     out = Path(out)
+    state = course_state(out) if out.is_dir() else []
+    if state and not live_course:
+        raise ValueError(f"out: {str(out)!r} holds course state ({'; '.join(state[:4])}{'; ...' if len(state) > 4 else ''}). "
+                         "The labs build never removes it, but it would write beside it: pass --live-course "
+                         "(live_course=True) to build into this course, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    _reset(out)
-    shutil.copy2(CONFIG, out / "nbgrader_config.py")
+    _clear_own(out, chosen)
+    if not state:  # a gradebook of the build's own submitters only: start it afresh, as the sources may have changed
+        (out / "gradebook.db").unlink(missing_ok=True)
+    if not (live_course and (out / "nbgrader_config.py").is_file()):
+        shutil.copy2(CONFIG, out / "nbgrader_config.py")
     for lab in chosen:
         shutil.copytree(SOURCE / lab, out / "source" / lab)
     rows: list[dict] = []
@@ -780,6 +854,11 @@ def build(out: Path = BUILD, only: Sequence[str] | None = None, samples: bool = 
         log(f"release: {len(chosen)} labs without solutions in {out / 'release'}")
         if release_only:
             return rows
+        if submitted is not None:
+            found, ignored = survey_submissions(submitted, chosen)
+            log(f"submitted: {len(found)} notebooks to grade in {submitted}" + (f"; {len(ignored)} ignored:" if ignored else ""))
+            for nb, why in ignored:
+                log(f"  ignored {nb.relative_to(submitted)}: {why}")
         for lab in chosen:
             release = _notebook(lab, out / "release")
             subs = [("reference", "reference", "reference solution", reference_answers(lab))]
@@ -790,13 +869,17 @@ def build(out: Path = BUILD, only: Sequence[str] | None = None, samples: bool = 
             for student, kind, note, answers in subs:
                 fill_release(release, answers, _notebook(lab, out / "submitted" / student))
             if submitted is not None:
+                own_folder = Path(submitted).resolve() == (out / "submitted").resolve()  # after nbgrader collect
                 for nb in sorted(Path(submitted).glob(f"*/{lab}/{lab}.ipynb")):
                     student = nb.parent.parent.name
-                    if student == "reference" or student.startswith("sample-"):
+                    if _ours(student):
+                        if own_folder:
+                            continue  # the build's own reference and samples, already listed
                         raise ValueError(f"submitted: the folder name {student!r} is reserved for the reference and the samples; rename it")
                     target = _notebook(lab, out / "submitted" / student)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(nb, target)
+                    if nb.resolve() != target.resolve():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(nb, target)
                     subs.append((student, "student", "", {}))
             for student, kind, note, _ in subs:
                 start = time.perf_counter()
@@ -851,14 +934,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--submitted", type=Path, metavar="DIR",
                         help="also autograde real submissions laid out as DIR/<student>/<lab>/<lab>.ipynb")
     parser.add_argument("--full", action="store_true", help="project labs at full size (same as CH11_FULL=1)")
+    parser.add_argument("--live-course", action="store_true",
+                        help="build into a course folder that holds student submissions or grades (nothing of theirs is removed)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    rows = build(args.out, args.only, samples=not args.no_samples, release_only=args.release_only,
-                 submitted=args.submitted, full=args.full or _full())
+    try:
+        rows = build(args.out, args.only, samples=not args.no_samples, release_only=args.release_only,
+                     submitted=args.submitted, full=args.full or _full(), live_course=args.live_course)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"labs: {err}", file=sys.stderr)
+        return 2
     found = problems(rows)
     for p in found:
         print(f"PROBLEM: {p}", file=sys.stderr)
-    print(f"labs built in {time.perf_counter() - start:.0f} s" + ("" if found else "; references full marks, every sample lost points" if rows else ""))
+    samples_ran = any(r["kind"] == "sample" for r in rows)
+    verdict = "; references full marks" + (", every sample lost points" if samples_ran else " (no samples graded)")
+    print(f"labs built in {time.perf_counter() - start:.0f} s" + ("" if found or not rows else verdict))
     return 1 if found else 0
 
 

@@ -367,3 +367,62 @@ def test_real_submissions_are_graded_and_a_broken_one_scores_zero(built):
     assert students["alice"]["score"] == 0 and "test_sparsity_checker" in students["alice"]["failed_tests"]
     assert students["bob"]["failed_tests"] == "autograde-failed" and "JSON" in students["bob"]["note"]
     assert students["bob"]["max_score"] == 5
+
+
+def _plant(course, part, student, lab, text="{}"):
+    path = course / part / student / lab / f"{lab}.ipynb"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_build_never_removes_course_state_and_refuses_it_without_the_flag(tmp_path, capsys):
+    lab, other = labs.lab_names()[0], labs.lab_names()[1]
+    course = tmp_path / "course"
+    assert labs.main(["--out", str(course), "--only", lab, "--release-only"]) == 0
+    planted = [_plant(course, part, "carol", lab) for part in ("submitted", "autograded", "feedback")]
+    (course / "release" / other).mkdir(parents=True)
+    (course / "release" / other / "kept.txt").write_text("another lab's release")
+    assert labs.course_state(course) == ["submitted/carol", "autograded/carol", "feedback/carol"]
+    assert labs.main(["--out", str(course), "--only", lab, "--release-only"]) == 2  # refused, with the reason
+    err = capsys.readouterr().err
+    assert "holds course state" in err and "--live-course" in err
+    assert all(p.read_text() == "{}" for p in planted)
+    (course / "nbgrader_config.py").write_text("# the instructor's own settings\n")
+    assert labs.main(["--out", str(course), "--only", lab, "--release-only", "--live-course"]) == 0
+    assert all(p.read_text() == "{}" for p in planted)  # nothing of carol's was touched
+    assert (course / "release" / other / "kept.txt").is_file() and (course / "release" / lab).is_dir()
+    assert (course / "nbgrader_config.py").read_text() == "# the instructor's own settings\n"
+
+
+@pytest.mark.slow
+def test_grading_the_courses_own_submitted_folder_after_collect(tmp_path):
+    # README's flow: collect into the course's submitted/, then grade that folder; the reference must not clash
+    lab = labs.lab_names()[0]
+    course = tmp_path / "course"
+    labs.build(course, only=[lab], samples=False)
+    source = labs.SOURCE / lab / f"{lab}.ipynb"
+    labs.fill_release(source, {"sparsity": "def sparsity(W):\n    return 0.0"}, course / "submitted" / "dave" / lab / source.name)
+    with pytest.raises(ValueError, match="holds course state"):
+        labs.build(course, only=[lab], samples=False, submitted=course / "submitted")
+    rows = labs.build(course, only=[lab], samples=False, submitted=course / "submitted", live_course=True)
+    assert {r["submission"] for r in rows} == {"reference", "dave"}
+    assert (course / "submitted" / "dave" / lab / source.name).is_file() and (course / "gradebook.db").is_file()
+    assert "gradebook.db (1 students: dave)" in labs.course_state(course)
+
+
+def test_submissions_that_will_not_be_graded_are_listed_with_the_reason(tmp_path):
+    lab, other = labs.lab_names()[0], labs.lab_names()[1]
+    mine = tmp_path / "mine"
+    for rel in (f"erin/{lab}/{lab}.ipynb", f"erin/{lab}/{lab}-Copy1.ipynb", f"{lab}/{lab}.ipynb", f"frank/{other}/{other}.ipynb",
+                f"gina/{lab}/.ipynb_checkpoints/{lab}-checkpoint.ipynb", "hugo/lab_99/lab_99.ipynb"):
+        (mine / rel).parent.mkdir(parents=True, exist_ok=True)
+        (mine / rel).write_text("{}")
+    found, ignored = labs.survey_submissions(mine, [lab])
+    assert [p.relative_to(mine).as_posix() for p in found] == [f"erin/{lab}/{lab}.ipynb"]
+    reasons = {p.relative_to(mine).as_posix(): why for p, why in ignored}
+    assert "not " + f"{lab}.ipynb" in reasons[f"erin/{lab}/{lab}-Copy1.ipynb"]
+    assert "folder levels" in reasons[f"{lab}/{lab}.ipynb"]
+    assert "not chosen" in reasons[f"frank/{other}/{other}.ipynb"]
+    assert "autosave" in reasons[f"gina/{lab}/.ipynb_checkpoints/{lab}-checkpoint.ipynb"]
+    assert "is not a lab" in reasons["hugo/lab_99/lab_99.ipynb"]
