@@ -33,12 +33,13 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	$(BIN)/python -m chapter11 run
 
-## The whole test suite: unit tests, doctests, and nbval over notebooks/ twice (strict; then a seed-shifted, AVX2, assertions-only re-draw)
+## The whole test suite: unit tests and doctests (two workers, one test file each at a time), then nbval over notebooks/ twice (strict; then a seed-shifted, AVX2, assertions-only re-draw)
 test: $(STAMP)
-	$(BIN)/python -m pytest -p no:cacheprovider --durations=25 tests chapter11
+	$(BIN)/python -m pytest -p no:cacheprovider -n 2 --dist loadfile --durations=15 -m "not notebooks" tests chapter11
+	$(BIN)/python -m pytest -p no:cacheprovider --durations=20 -m notebooks tests/test_notebooks.py
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest -p no:cacheprovider -m "not notebooks" tests chapter11
+	$(BIN)/python -m pytest -p no:cacheprovider -n 2 --dist loadfile -m "not notebooks" tests chapter11
 
 ## nbval only: every notebook strict (default kernels, CH11_SEED_OFFSET=0), then --nbval-lax with AVX2 kernels and CH11_SEED_OFFSET=1000 (tests/test_notebooks.py)
 nbval: $(STAMP)
@@ -71,6 +72,7 @@ bench: $(STAMP)
 	env -u OMP_WAIT_POLICY $(BIN)/python -m chapter11 bench masks --json build/bench_masks.json
 	env -u OMP_WAIT_POLICY $(BIN)/python -m chapter11 bench sparse --json build/bench_sparse.json
 	env -u OMP_WAIT_POLICY $(BIN)/python -m chapter11 bench structured --json build/bench_structured.json
+	$(BIN)/python -m chapter11 bench oneshot --json build/bench_oneshot.json
 
 clean:
 	rm -rf build book/_build

@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     refresh = sub.add_parser("refresh", help="re-execute committed notebooks in place")
     refresh.add_argument("paths", nargs="*", help="notebooks to refresh (default: all experiments)")
     refresh.set_defaults(func=cmd_refresh)
-    sub.add_parser("bench", help="benchmarks: masks, sparse, structured, semi (python -m chapter11 bench --help)", add_help=False)
+    sub.add_parser("bench", help="benchmarks: masks, sparse, structured, oneshot, semi (python -m chapter11 bench --help)", add_help=False)
     sub.add_parser("labs", add_help=False,
                    help="nbgrader labs: student release, reference and wrong samples autograded, build/labs/scores.csv (labs --help)")
     args = parser.parse_args(argv)

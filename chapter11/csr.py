@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -619,11 +620,17 @@ class _threads:
 
 BACKENDS = ("auto", "mkl", "numba")
 
-# "auto" sends a batch of fewer columns than this to MKL and the rest to our
-# kernel. Measured on 4096x4096 at 80-99% sparsity (2-core AMD EPYC): MKL won
-# by up to 2x at batch 2-16; at 32 ours (the fixed-width kernel) was ahead in
-# most runs, and from 64 (the general one) by 1.2-1.8x.
+# "auto" sends a batch of fewer columns than this to MKL. Measured on
+# 4096x4096 at 80-99% sparsity (2-core AMD EPYC): MKL won by up to 2x at batch
+# 2-16; at 32 ours (the fixed-width kernel) was ahead in most runs, and from
+# 64 (the general one) by 1.2-1.8x.
 NUMBA_MIN_BATCH = 32
+# From there up the winner depends on the CPU (a 2-core Intel Xeon: MKL 10-20%
+# ahead at batch 32). So a product of at least this many multiply-adds is timed
+# once on both paths per shape, nnz, batch and dtype, and "auto" keeps the faster.
+AUTOTUNE_MIN_WORK = 1 << 22
+AUTOTUNE_REPEATS = 3
+_autotuned: dict[tuple, str] = {}
 
 
 def _backend(backend: str, out, num_threads, batch: int) -> str:
@@ -640,6 +647,29 @@ def _backend(backend: str, out, num_threads, batch: int) -> str:
     # auto: our gather kernel beat MKL's matrix-vector product by 1.2-1.4x at
     # 80-95% sparsity (MKL won at 99%, where one product takes 0.1 ms)
     return "numba" if batch == 1 or batch >= NUMBA_MIN_BATCH else "mkl"
+
+
+def autotuned_backend(csr: CSR, batch: int, dtype=np.float32) -> str | None:
+    """The backend "auto" measured as faster for this product (`csr_matmul`), or None if it timed none."""
+    return _autotuned.get((csr.shape, csr.nnz, batch, np.dtype(dtype).str))
+
+
+def _auto_matmul_backend(csr: CSR, X: np.ndarray) -> str:
+    """`_backend("auto", ...)` for a matrix product, settled by timing both paths once where the CPU decides."""
+    batch = X.shape[1]
+    static = _backend("auto", None, None, batch)
+    if static == "mkl" or not torch.backends.mkl.is_available() or csr.nnz * batch < AUTOTUNE_MIN_WORK:
+        return static
+    key = (csr.shape, csr.nnz, batch, X.dtype.str)
+    if key not in _autotuned:
+        times = {"numba": [], "mkl": []}
+        for _ in range(AUTOTUNE_REPEATS):  # interleaved, so a noisy moment hits both
+            for name in times:
+                t0 = time.perf_counter()
+                csr_matmul(csr, X, backend=name)
+                times[name].append(time.perf_counter() - t0)
+        _autotuned[key] = min(times, key=lambda name: (float(np.median(times[name])), name != "numba"))
+    return _autotuned[key]
 
 
 def csr_matvec(csr: CSR, x, out=None, num_threads: int | None = None, backend: str = "auto"):
@@ -678,9 +708,11 @@ def csr_matmul(csr: CSR, X, out=None, num_threads: int | None = None, backend: s
 
     Keep the batch on the last (contiguous) axis: that is what lets each
     stored weight update a whole row of `batch` outputs with SIMD.
-    `backend` as in `csr_matvec`, except that "auto" picks MKL (when torch
-    has it and neither `out` nor `num_threads` is given) for batches narrower
-    than `NUMBA_MIN_BATCH`: there MKL's product beat ours (notebook 08).
+    `backend` as in `csr_matvec`, except that "auto" (when torch has MKL
+    and neither `out` nor `num_threads` is given) picks MKL for batches
+    narrower than `NUMBA_MIN_BATCH`, where MKL's product beat ours (notebook
+    08), and for wider batches times both paths once per product shape on
+    this CPU and keeps the faster (`autotuned_backend` says which).
 
     >>> A = to_csr(torch.tensor([[1.0, 0.0, 2.0]]))
     >>> csr_matmul(A, torch.tensor([[1.0, 0.0], [5.0, 5.0], [1.0, 1.0]])).tolist()
@@ -690,7 +722,10 @@ def csr_matmul(csr: CSR, X, out=None, num_threads: int | None = None, backend: s
     shape = (csr.shape[0], X.shape[1])
     if out is not None and not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype and out.flags.c_contiguous):
         raise ValueError(f"out must be a contiguous {dtype} numpy array of shape {shape}")
-    if _backend(backend, out, num_threads, batch=X.shape[1]) == "mkl":
+    chosen = _backend(backend, out, num_threads, batch=X.shape[1])
+    if backend == "auto" and chosen == "numba" and out is None and num_threads is None:
+        chosen = _auto_matmul_backend(csr, X)
+    if chosen == "mkl":
         Y = (csr.mkl_tensor() @ torch.from_numpy(X)).numpy()  # (rows, batch)
         return _back(Y, is_torch)
     if out is None:

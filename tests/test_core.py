@@ -201,7 +201,7 @@ def test_old_bench_entry_point_says_where_the_drivers_are():
 def test_bench_command_line_dispatch(capsys):
     from chapter11.experiments.benchmarks import BENCHMARKS, bench_main
 
-    assert set(BENCHMARKS) == {"masks", "sparse", "structured", "semi"}
+    assert set(BENCHMARKS) == {"masks", "sparse", "structured", "semi", "oneshot"}
     assert bench_main([]) == 2 and "usage: python -m chapter11 bench NAME" in capsys.readouterr().err
     assert bench_main(["--help"]) == 0 and "semi" in capsys.readouterr().out
     assert bench_main(["nope"]) == 2 and "no benchmark named 'nope'" in capsys.readouterr().err

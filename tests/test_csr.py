@@ -374,7 +374,9 @@ def test_benchmark_rows_and_crossover(tmp_path):
     assert len(rows) == 2 * 2 * 4
     assert {r["impl"] for r in rows} == {"dense", "chapter11", "scipy", "torch_sparse"}
     for r in rows:
-        assert set(r) == {"impl", "sparsity", "batch", "median_s", "speedup_vs_dense", "traffic_limit"}
+        assert set(r) == {"impl", "sparsity", "batch", "median_s", "speedup_vs_dense", "traffic_limit"} | ({"backend"} if r["impl"] == "chapter11" else set())
+        if r["impl"] == "chapter11":  # small products: the static rule, batch 1 ours and narrow batches MKL (where torch has it)
+            assert r["backend"] == ("numba" if r["batch"] == 1 or not torch.backends.mkl.is_available() else "mkl")
         assert r["median_s"] > 0
         if r["impl"] == "dense":
             assert r["speedup_vs_dense"] == 1.0
@@ -444,3 +446,35 @@ def test_csr_checks_values_and_accepts_what_it_built():
     W = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 3.0]])
     for built in (to_csr(W), to_csr_loop(W)):
         assert torch.equal(to_dense(built), W)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch build has no MKL: auto has only our kernel to choose")
+def test_auto_times_both_paths_once_for_a_large_product_and_keeps_the_faster(monkeypatch):
+    from chapter11 import csr as csr_module
+
+    monkeypatch.setattr(csr_module, "_autotuned", {})
+    monkeypatch.setattr(csr_module, "AUTOTUNE_MIN_WORK", 64 * 32)
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((64, 64)).astype(np.float32) * (rng.random((64, 64)) > 0.5)
+    A = to_csr(W)
+    X = rng.standard_normal((64, 32)).astype(np.float32)
+    assert csr_module.autotuned_backend(A, 32) is None
+    calls = []
+    real = csr_module.csr_matmul
+
+    def counting(csr, X, out=None, num_threads=None, backend="auto"):
+        calls.append(backend)
+        return real(csr, X, out=out, num_threads=num_threads, backend=backend)
+
+    monkeypatch.setattr(csr_module, "csr_matmul", counting)
+    Y = csr_module.csr_matmul(A, X)
+    np.testing.assert_allclose(Y, W @ X, rtol=1e-5, atol=1e-5)
+    chosen = csr_module.autotuned_backend(A, 32)
+    assert chosen in ("numba", "mkl")
+    assert calls.count("numba") == calls.count("mkl") == csr_module.AUTOTUNE_REPEATS  # timed interleaved, once
+    calls.clear()
+    csr_module.csr_matmul(A, X)
+    assert calls == ["auto"]  # the second call does not time again
+    assert csr_module.autotuned_backend(A, 16) is None  # narrow batches: MKL by rule, never timed
+    csr_module.csr_matmul(A, X[:, :16])
+    assert csr_module.autotuned_backend(A, 16) is None

@@ -182,3 +182,29 @@ def test_apply_masks_checks_every_mask_before_applying_any():
     with pytest.raises(ValueError, match="2.weight"):
         apply_masks(model, {"0.weight": torch.zeros(16, 8), "2.weight": torch.full((4, 16), 2.0)})
     assert masks_of(model) == {} and torch.equal(model[0].weight, before)
+
+
+@pytest.mark.parametrize("fast_from", [0, None], ids=["multiply-path", "default-sizes"])
+def test_masked_step_fast_path_keeps_pruned_weights_exactly_zero_even_with_inf_gradients(fast_from, monkeypatch):
+    """The multiply fast path falls back to masked_fill where inf * 0 would give NaN; a NaN at a kept weight stays."""
+    from chapter11 import masks as masks_module
+    from chapter11.masks import MaskedOptimizer, _zero_pruned
+
+    if fast_from is not None:  # every tensor through the multiply path, as a large layer would go
+        monkeypatch.setattr(masks_module, "FAST_ZEROING_MIN_NUMEL", fast_from)
+
+    model = nn.Linear(3, 2, bias=False)
+    apply_masks(model, {"weight": torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])})
+    opt = MaskedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model)
+    model.weight.grad = torch.tensor([[1.0, float("inf"), 2.0], [float("-inf"), 1.0, 1.0]])
+    opt.step()
+    assert model.weight[0, 1].item() == 0.0 and model.weight[1, 0].item() == 0.0
+    assert torch.isfinite(model.weight).all()
+    model.weight.grad = torch.tensor([[float("nan"), float("inf"), 2.0], [0.0, 1.0, 1.0]])
+    opt.step()
+    assert torch.isnan(model.weight[0, 0]) and model.weight[0, 1].item() == 0.0  # the kept NaN is the user's to see
+    # bool masks (True = pruned) and float masks give the same result, in one call
+    a, b = torch.tensor([float("inf"), 2.0, -1.0]), torch.tensor([float("inf"), 2.0, -1.0])
+    _zero_pruned([a, b], [torch.tensor([0.0, 1.0, 0.0]), torch.tensor([True, False, True])])
+    assert a.tolist() == b.tolist() == [0.0, 2.0, 0.0]
+    assert not torch.signbit(a).any()  # a pruned negative weight is 0.0, not -0.0 (prints as 0.)

@@ -513,3 +513,20 @@ def test_wanda_on_a_masked_model_says_the_masks_add_up():
     with pytest.warns(UserWarning, match="already held masks"):
         result = prune_llm(model, calib, method="wanda", sparsity=0.5, progress_bar=False)
     assert result.sparsity > 0.505
+
+
+def test_bench_oneshot_writes_the_ratio_and_the_split(tmp_path):
+    """`python -m chapter11 bench oneshot --tiny`: pruning time over a forward pass, and where it went."""
+    import json
+
+    from chapter11.experiments.exp09_oneshot import bench_main
+
+    out = tmp_path / "oneshot.json"
+    assert bench_main(["--tiny", "--sequences", "2", "--seq-len", "16", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["forward_s"] > 0 and set(data["methods"]) == {"wanda", "sparsegpt"}
+    for row in data["methods"].values():
+        parts = row["seconds_by_part"]
+        assert set(parts) == {"capture", "statistics_pass", "pruning", "output_pass", "other"}
+        assert min(parts.values()) >= 0 and abs(sum(parts.values()) - row["seconds"]) < 1e-6 + 0.01 * row["seconds"]
+        assert row["ratio"] == pytest.approx(row["seconds"] / data["forward_s"])

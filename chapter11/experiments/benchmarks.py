@@ -5,7 +5,8 @@ masked training step against dense and `torch.nn.utils.prune`
 (`bench_masks`, "masks"); dense against physically pruned models, measured
 against the MAC prediction (`structured_benchmark`, "structured"); and the
 command lines of the CSR kernels ("sparse", `chapter11.experiments.exp08_kernels`)
-and of 2:4 semi-structured sparsity on a GPU ("semi", the same module).
+and of 2:4 semi-structured sparsity on a GPU ("semi", the same module);
+`prune_llm` against a forward pass ("oneshot", `chapter11.experiments.exp09_oneshot`).
 Every driver checks correctness before it times anything, and times its
 candidates interleaved with `chapter11.bench.compare` (the harness).
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from ..bench import compare, describe_machine, machine_info
-from ..masks import MaskedOptimizer, apply_masks, prunable_parameters
+from ..masks import MaskedOptimizer, apply_masks, masks_of, prunable_parameters
 from ..report import atomic_write_text
 from ..sparsity import check_sparsity
 from ..structured.channels import channel_scores, mask_channels, plan_by_scores, predicted_speedup, remove_channels
@@ -50,8 +51,11 @@ def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(
     """Training-step time: dense vs chapter11 masks vs torch.nn.utils.prune, same masks.
 
     Each variant is a copy of one model with the same random masks; steps are
-    interleaved. Before timing, one step of each masked variant is checked to
-    leave exactly the same weights.
+    interleaved. `masked_fill` is the step `MaskedOptimizer` took before
+    (a bool `mask == 0` per parameter per step, then `masked_fill_` on the
+    gradients and the weights), kept here so the two can be compared side by
+    side on any CPU. Before timing, one step of each masked variant is checked
+    to leave the same weights.
     """
     import torch.nn.utils.prune as prune
 
@@ -60,8 +64,9 @@ def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(
     dense = _mlp(tuple(sizes))
     g = torch.Generator().manual_seed(seed)
     masks = {n: (torch.rand(p.shape, generator=g) >= sparsity).float() for n, p in prunable_parameters(dense).items()}
-    ours, theirs = copy.deepcopy(dense), copy.deepcopy(dense)
+    ours, theirs, filled = copy.deepcopy(dense), copy.deepcopy(dense), copy.deepcopy(dense)
     apply_masks(ours, masks)
+    apply_masks(filled, masks)
     for name, mask in masks.items():
         prune.custom_from_mask(theirs.get_submodule(name.rsplit(".", 1)[0]), "weight", mask)
     X = torch.randn(batch, sizes[0], generator=g)
@@ -78,11 +83,35 @@ def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(
 
         return step
 
-    variants = {"dense": make_step(dense, False), "chapter11": make_step(ours, True), "torch_prune": make_step(theirs, False)}
-    variants["chapter11"]()
-    variants["torch_prune"]()
+    def masked_fill_step(model):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        pairs = [(p, masks_of(model)[n]) for n, p in model.named_parameters() if n in masks]
+
+        def step():
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X), y).backward()
+            with torch.no_grad():
+                pruned = [m == 0 for _, m in pairs]
+                for (p, _), z in zip(pairs, pruned):
+                    p.grad.masked_fill_(z, 0)
+                opt.step()
+                for (p, _), z in zip(pairs, pruned):
+                    p.masked_fill_(z, 0)
+
+        return step
+
+    variants = {
+        "dense": make_step(dense, False),
+        "chapter11": make_step(ours, True),
+        "masked_fill": masked_fill_step(filled),
+        "torch_prune": make_step(theirs, False),
+    }
+    for name in ("chapter11", "masked_fill", "torch_prune"):
+        variants[name]()
     for name in masks:
         a = ours.get_submodule(name.rsplit(".", 1)[0]).weight
+        if not torch.allclose(a, filled.get_submodule(name.rsplit(".", 1)[0]).weight, atol=1e-6):
+            raise AssertionError(f"chapter11 and the masked_fill step disagree on {name} after one step")
         module = theirs.get_submodule(name.rsplit(".", 1)[0])
         b = module.weight_orig * module.weight_mask  # .weight is only refreshed by the next forward
         if not torch.allclose(a, b, atol=1e-6):
@@ -95,7 +124,9 @@ def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(
         "dense_s": med["dense"],
         "chapter11_s": med["chapter11"],
         "torch_prune_s": med["torch_prune"],
+        "masked_fill_s": med["masked_fill"],
         "chapter11_ratio": med["chapter11"] / med["dense"],
+        "masked_fill_ratio": med["masked_fill"] / med["dense"],
         "torch_prune_ratio": med["torch_prune"] / med["dense"],
         "steps": steps,
         "sparsity": sparsity,
@@ -124,9 +155,10 @@ def masks_main(argv: list[str] | None = None) -> int:
     print(f"MLP {'-'.join(map(str, r['sizes']))}, batch {r['batch']}, sparsity {r['sparsity']:.0%}, median of {r['steps']} interleaved steps")
     print(f"  dense              {r['dense_s'] * 1e3:8.1f} ms/step")
     print(f"  chapter11 masks    {r['chapter11_s'] * 1e3:8.1f} ms/step  ({r['chapter11_ratio']:.2f}x dense)")
+    print(f"  masked_fill step   {r['masked_fill_s'] * 1e3:8.1f} ms/step  ({r['masked_fill_ratio']:.2f}x dense; the step chapter11 took before)")
     print(f"  torch.nn.utils.prune {r['torch_prune_s'] * 1e3:6.1f} ms/step  ({r['torch_prune_ratio']:.2f}x dense)")
     if args.json:
-        atomic_write_text(json.dumps({k: r[k] for k in ("dense_s", "chapter11_s", "torch_prune_s", "chapter11_ratio", "torch_prune_ratio")} | {"machine": r["machine"]}, indent=2), args.json)
+        atomic_write_text(json.dumps({k: r[k] for k in ("dense_s", "chapter11_s", "masked_fill_s", "torch_prune_s", "chapter11_ratio", "masked_fill_ratio", "torch_prune_ratio", "steps", "sparsity", "batch", "sizes")} | {"machine": r["machine"]}, indent=2), args.json)
     return 0
 
 
@@ -282,6 +314,7 @@ BENCHMARKS = {
     "masks": ("chapter11.experiments.benchmarks", "masks_main", "training step: dense vs chapter11 masks vs torch.nn.utils.prune"),
     "sparse": ("chapter11.experiments.exp08_kernels", "sparse_main", "CSR kernels vs dense, scipy and torch.sparse_csr (CPU)"),
     "structured": ("chapter11.experiments.benchmarks", "structured_main", "dense vs physically pruned models, measured vs predicted"),
+    "oneshot": ("chapter11.experiments.exp09_oneshot", "bench_main", "prune_llm (Wanda, SparseGPT) on SmolLM2-135M against one forward pass"),
     "semi": ("chapter11.experiments.exp08_kernels", "semi_main",
              "2:4 semi-structured vs dense fp16 at LLM shapes (CUDA GPU; skips with a reason otherwise)"),
 }

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..bench import BENCHMARKS, compare, describe_machine, machine_info, recorded_runs
 from ..csr import (FIXED_WIDTH, IMPLS, SPARSITIES, CSR, _backend, _kernel_operand, _matmul_fixed_serial, _matmul_serial, _matvec_serial,
-                   _threads, _values, csr_matmul, csr_matvec, to_csr)
+                   _threads, _values, autotuned_backend, csr_matmul, csr_matvec, to_csr)
 from ..masks import apply_masks, remove_masks
 from ..models import load_smollm, tiny_llama
 from ..nm import (LLAMA_WIDTHS, _need_gpu, _positive_int, check_2to4_linears, crossovers, decoder_linears, gpu_skip_reason,
@@ -130,8 +130,10 @@ def benchmark(
                     "scipy": lambda: scipy_A @ x,
                     "torch_sparse": lambda: (torch_A @ xt),
                 }
+                candidates["chapter11"]()  # settles auto's choice (timed once on both paths where the CPU decides)
+                chosen = (batch > 1 and autotuned_backend(ours, batch)) or _backend("auto", None, None, batch)
                 if mkl:  # the backend that "auto" passed over, for comparison
-                    other = "mkl" if _backend("auto", None, None, batch) == "numba" else "numba"
+                    other = "mkl" if chosen == "numba" else "numba"
                     candidates[other] = lambda other=other: kernel(ours, x, backend=other)
                 # correctness first: every candidate against float64 dense (each call also timed once)
                 want = W.astype(np.float64) @ x.astype(np.float64)
@@ -155,10 +157,11 @@ def benchmark(
                     t = best_dense if key is None else med[key]
                     rows.append(
                         {"impl": impl, "sparsity": s, "batch": batch, "median_s": t, "speedup_vs_dense": best_dense / t, "traffic_limit": limit}
+                        | ({"backend": chosen} if impl == "chapter11" else {})
                     )
                 if verbose:
                     line = "  ".join(f"{k} {best_dense / med[k]:5.2f}x" for k in candidates if not k.endswith("_dense"))
-                    print(f"s={s:<5} batch={batch:<3} dense({dense_name}) {best_dense * 1e3:8.2f} ms  {line}  limit {limit:5.2f}x", flush=True)
+                    print(f"s={s:<5} batch={batch:<3} dense({dense_name}) {best_dense * 1e3:8.2f} ms  {line}  limit {limit:5.2f}x  (auto ran {chosen})", flush=True)
     return rows
 
 

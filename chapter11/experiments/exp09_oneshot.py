@@ -4,7 +4,9 @@ Covers: what notebook 09 runs around the method (`chapter11.oneshot`):
 `prune_and_evaluate` (prune a copy, measure held-out perplexity),
 `prune_grid` (method x pattern x calibration seed), `calibration_ablation`
 (perplexity against the number of calibration sequences), `layer_means`
-(per-layer numbers averaged by projection or block), and `ablation_run`,
+(per-layer numbers averaged by projection or block), `bench_prune_llm`
+(`python -m chapter11 bench oneshot`: pruning time against a forward
+pass, split by part), and `ablation_run`,
 the recorded run with the sizes too slow for the notebook:
 
     python -m chapter11.experiments.exp09_oneshot ablation
@@ -125,6 +127,93 @@ def ablation_run(command: str = "python -m chapter11.experiments.exp09_oneshot a
     save_full_run(ABLATION_RUN_NAME, {"perplexity": {str(k): v for k, v in ppl.items()}}, s, command,
                   time.perf_counter() - start)
     return load_full_run(ABLATION_RUN_NAME)
+
+
+def bench_prune_llm(model: nn.Module, calibration: torch.Tensor, methods: Sequence[str] = ("wanda", "sparsegpt"),
+                    sparsity: float = 0.5, batch_size: int = 8, repeats: int = 3) -> dict:
+    """`prune_llm` time against one forward pass over the same calibration tokens, with its split by part.
+
+    The forward pass (the model's full forward, `lm_head` included, in
+    batches of `batch_size`) is the unit: pruning cannot cost less than about
+    two block passes over the calibration data. Forward passes are timed
+    `repeats` times (median) before and after the pruning runs, so a noisy
+    moment shows as a gap between the two. Each method prunes a fresh copy.
+    Returns {"forward_s", "forward_after_s", "methods": {method: {"seconds",
+    "ratio", "seconds_by_part"}}}.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be a non-empty list from {METHODS}, got {list(methods)!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    refuse_torch_prune(model)
+    was_training = model.training
+    model.eval()
+
+    @torch.no_grad()
+    def forward_s() -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for x in calibration.split(batch_size):
+                model(input_ids=x, use_cache=False)
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    try:
+        forward_s()  # warm-up
+        before = forward_s()
+        rows = {}
+        for method in methods:
+            pruned = copy.deepcopy(model)
+            result = prune_llm(pruned, calibration, method=method, sparsity=sparsity, batch_size=batch_size, progress_bar=False)
+            rows[method] = {"seconds": result.seconds, "ratio": result.seconds / before, "seconds_by_part": result.seconds_by_part}
+            del pruned
+        after = forward_s()
+    finally:
+        model.train(was_training)
+    return {"forward_s": before, "forward_after_s": after, "sparsity": sparsity, "calibration_shape": list(calibration.shape),
+            "batch_size": batch_size, "methods": rows}
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    """`python -m chapter11 bench oneshot`: prune_llm on SmolLM2-135M against one forward pass, split by part."""
+    import argparse
+    import json
+
+    from ..bench import describe_machine, machine_info
+    from ..data import pydoc_topics, text_tokens
+    from ..models import load_smollm, tiny_llama
+    from ..report import atomic_write_text
+
+    parser = argparse.ArgumentParser(prog="python -m chapter11 bench oneshot",
+                                     description="prune_llm (Wanda, SparseGPT) time against one forward pass over its calibration tokens.")
+    parser.add_argument("--sequences", type=int, default=16, help="calibration sequences (default 16)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    parser.add_argument("--model", default=None, help="a local checkpoint folder or .gguf file (default: the bundled SmolLM2-135M)")
+    parser.add_argument("--tiny", action="store_true", help="a small random LLaMA instead (for a quick check)")
+    parser.add_argument("--json", metavar="PATH", help="write the numbers as JSON here")
+    args = parser.parse_args(argv)
+    if args.sequences < 1 or args.seq_len < 1:
+        parser.error("--sequences and --seq-len must be positive")
+    print(f"machine: {describe_machine()}", flush=True)
+    if args.tiny:
+        model = tiny_llama()
+        tokens = torch.randint(0, model.config.vocab_size, (args.sequences * args.seq_len * 2,), generator=torch.Generator().manual_seed(0))
+    else:
+        model, tokenizer = load_smollm(args.model)
+        tokens = text_tokens(tokenizer, pydoc_topics("calibration"))
+    calibration = calibration_sequences(tokens, args.sequences, args.seq_len, seed=0)
+    r = bench_prune_llm(model, calibration)
+    print(f"{args.sequences} x {args.seq_len} calibration tokens; one forward pass {r['forward_s']:.2f} s "
+          f"(again after pruning: {r['forward_after_s']:.2f} s)")
+    for method, row in r["methods"].items():
+        split = ", ".join(f"{k} {v:.2f}" for k, v in row["seconds_by_part"].items())
+        print(f"  {method:10s} {row['seconds']:7.2f} s = {row['ratio']:.2f}x a forward pass  ({split} s)")
+    if args.json:
+        atomic_write_text(json.dumps(r | {"model": "tiny_llama" if args.tiny else (args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised)"),
+                                          "machine": machine_info()}, indent=2), args.json)
+    return 0
 
 
 def layer_means(values: dict[str, float], by: str = "projection") -> dict:
