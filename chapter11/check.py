@@ -41,6 +41,7 @@ __all__ = [
     "check_to_csr",
     "check_rigl_update",
     "check_head_importance",
+    "graded",
 ]
 
 SPARSITY_ATOL = 1e-6  # float32 rounding of a fraction in [0, 1] is < 6e-8; cases have numel < 1e5
@@ -61,18 +62,24 @@ def _sparse_randn(rows: int, cols: int, zero_fraction: float, seed: int) -> torc
     return W
 
 
+_raising = False  # set by `graded`: a failure raises AssertionError with its line instead of printing it
+
+
 def _run(name: str, cases: list[tuple[str, Callable[[], None]]]) -> bool:
-    """Run the cases in order; print the first failure or a pass line."""
+    """Run the cases in order; print the first failure or a pass line (under `graded`, raise the failure)."""
     for i, (label, case) in enumerate(cases, start=1):
         try:
             case()
         except _Fail as e:
-            print(f"{name}: case {i} of {len(cases)} ({label}) failed: {e}")
-            return False
+            line = f"{name}: case {i} of {len(cases)} ({label}) failed: {e}"
         except Exception as e:  # the student's code raised
-            print(f"{name}: case {i} of {len(cases)} ({label}) failed: your function raised "
-                  f"{type(e).__name__}: {str(e)[:120]}")
-            return False
+            line = f"{name}: case {i} of {len(cases)} ({label}) failed: your function raised {type(e).__name__}: {str(e)[:120]}"
+        else:
+            continue
+        if _raising:
+            raise AssertionError(line)
+        print(line)
+        return False
     print(f"{name}: passed all {len(cases)} cases")
     return True
 
@@ -421,3 +428,34 @@ def check_head_importance(fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
         return run
 
     return _run("check_head_importance", [(label, case(g, e)) for label, g, e in inputs])
+
+
+# What the labs' graded test cells call. The table is made when this module is
+# imported, so a notebook that rebinds `check.check_sparsity` (or any name in
+# this module) does not change which checker grades it; the labs build also
+# flags solution cells that touch `chapter11.check` (`chapter11.labs`).
+_GRADERS = {name: globals()[name] for name in __all__ if name.startswith("check_")}
+
+
+def graded(checker: str, fn: Callable) -> None:
+    """Run checker `checker` (e.g. "check_sparsity") on `fn` for points: return if it passes, else raise.
+
+    The AssertionError carries the checker's one line, so nbgrader's
+    Validate button and the feedback show what failed, not a bare
+    `AssertionError`.
+
+    >>> from chapter11.sparsity import sparsity
+    >>> graded("check_sparsity", sparsity)
+    check_sparsity: passed all 10 cases
+    >>> graded("check_sparsity", lambda W: 0.5)
+    Traceback (most recent call last):
+    AssertionError: check_sparsity: case 1 of 10 (random 4x5 with zeros) failed: returned 0.5, which is not the sparsity of this tensor
+    """
+    global _raising
+    if checker not in _GRADERS:
+        raise ValueError(f"checker must be one of {sorted(_GRADERS)}, got {checker!r}")
+    _raising = True
+    try:
+        _GRADERS[checker](fn)
+    finally:
+        _raising = False

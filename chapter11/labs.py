@@ -52,6 +52,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -396,10 +397,14 @@ class ChannelReport:
 def grade_channels(model: nn.Module) -> ChannelReport:
     """Grade project 2: MACs of a (physically smaller) SmallCNN and its held-out accuracy.
 
-    The model must still be a `SmallCNN` whose layers have at most the dense
-    widths; MACs are counted for one 40-sample signal with
-    `chapter11.structured.channels.count_macs`, so zeroed filters that are
-    still there count in full.
+    Only the submitted weights are graded, never the submitted object: the
+    widths are read from the state dict's shapes, a fresh `SmallCNN` of the
+    reference class is built with them, the weights are loaded into it, and
+    that model is measured. So a subclass whose `forward` special-cases the
+    MAC-counting input, or calls `F.conv1d` past the counting hooks, is
+    graded as the plain network its weights make. MACs are counted for one
+    40-sample signal with `chapter11.structured.channels.count_macs`, so
+    zeroed filters that are still there count in full.
     """
     from .models import SmallCNN
     from .structured.channels import count_macs
@@ -408,13 +413,24 @@ def grade_channels(model: nn.Module) -> ChannelReport:
     if not isinstance(model, SmallCNN):
         raise TypeError(f"model must be the lab's SmallCNN with channels removed (remove_channels), got {type(model).__name__}")
     dense = _dense("cnn")
-    widths = tuple(getattr(model, f"conv{i}").out_channels for i in (1, 2, 3))
+    state = _plain_state(model)
+    try:
+        widths = tuple(int(state[f"conv{i}.weight"].shape[0]) for i in (1, 2, 3))
+    except KeyError as err:
+        raise ValueError(f"model: its state dict has no {err.args[0]}; expected the lab's SmallCNN (conv1..conv3, bn1..bn3, fc)") from None
     dense_widths = tuple(getattr(dense, f"conv{i}").out_channels for i in (1, 2, 3))
     if any(w > d for w, d in zip(widths, dense_widths)):
         raise ValueError(f"model: conv widths {widths} exceed the dense {dense_widths}")
+    fresh = SmallCNN(channels=widths)
+    expected = fresh.state_dict()
+    missing = sorted(set(expected) - set(state))
+    wrong = sorted(k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape))
+    if missing or wrong:
+        raise ValueError(f"model: its weights do not make a SmallCNN of widths {widths}: missing {missing}, wrong shape {wrong}")
+    fresh.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected})
+    fresh.eval()
     x = torch.zeros(1, 40)  # (B, L): one signal
-    model = copy.deepcopy(model).cpu().eval()
-    return ChannelReport(count_macs(model, x), count_macs(dense, x), _grade_accuracy(model), _dense_grade_accuracy("cnn"),
+    return ChannelReport(count_macs(fresh, x), count_macs(dense, x), _grade_accuracy(fresh), _dense_grade_accuracy("cnn"),
                          len(_grading_tensors()[1]), widths)
 
 
@@ -502,8 +518,8 @@ class LLMReport:
         return self.perplexity / self.dense_perplexity
 
     @property
-    def sparsity_ok(self) -> bool:
-        return self.sparsity >= LLM_SPARSITY - LLM_SPARSITY_SLACK
+    def sparsity_ok(self) -> bool:  # every projection matrix, not the average: the lab asks for 50% of each
+        return self.min_layer_sparsity >= LLM_SPARSITY - LLM_SPARSITY_SLACK
 
     @property
     def perplexity_ok(self) -> bool:
@@ -511,8 +527,8 @@ class LLMReport:
 
     def __str__(self) -> str:
         mark = {True: "ok", False: "MISSED"}
-        return (f"decoder projections: {self.sparsity:.1%} zeros (lowest matrix {self.min_layer_sparsity:.1%}; "
-                f"target >= {LLM_SPARSITY:.0%}): {mark[self.sparsity_ok]}\n"
+        return (f"decoder projections: lowest matrix {self.min_layer_sparsity:.1%} zeros, all of them {self.sparsity:.1%} "
+                f"(target >= {LLM_SPARSITY:.0%} in every matrix): {mark[self.sparsity_ok]}\n"
                 f"perplexity on {self.tokens:,} held-out tokens: {self.perplexity:.2f}, dense {self.dense_perplexity:.2f}, "
                 f"{self.ratio:.2f}x (target <= {MAX_PERPLEXITY_RATIO:.0f}x): {mark[self.perplexity_ok]}")
 
@@ -546,16 +562,31 @@ def _dense_llm_perplexity(full: bool) -> float:
 def grade_llm(model: nn.Module) -> LLMReport:
     """Grade project 3: zeros in every decoder projection and perplexity on held-out text.
 
-    Perplexity is measured on the first 8 x 128 tokens of
-    `pydoc_topics("evaluation")` (32 x 128 with CH11_FULL=1), for the
-    student's model and for a freshly loaded dense SmolLM2.
+    Only the submitted weights are graded: they are loaded into a freshly
+    loaded SmolLM2 (`chapter11.models.load_smollm`), so a model object with
+    its own `forward` cannot change what is measured. Each of the 210
+    projection matrices must be at least 50% zeros (`LLM_SPARSITY`, less
+    `LLM_SPARSITY_SLACK`), not their average. Perplexity is measured on the
+    first 8 x 128 tokens of `pydoc_topics("evaluation")` (32 x 128 with
+    CH11_FULL=1), for the submitted weights and for the dense SmolLM2.
     """
+    from .models import load_smollm
+
     model = _check_module(model)
-    weights = _llm_projections(model)
+    _llm_projections(model)  # a clear error for what is not a decoder LLM
+    fresh = load_smollm()[0]
+    state = _plain_state(model)
+    expected = fresh.state_dict()
+    missing = sorted(set(expected) - set(state))
+    wrong = sorted(k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape))
+    if missing or wrong:
+        raise ValueError(f"model: its weights do not fit SmolLM2-135M: missing {missing[:4]}, wrong shape {wrong[:4]}")
+    fresh.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected})
+    weights = _llm_projections(fresh)
     zeros = {n: int((w == 0).sum()) / w.numel() for n, w in weights.items()}
     overall = sum(int((w == 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
     tokens = _llm_eval_tokens(_full())
-    return LLMReport(overall, min(zeros.values()), _llm_perplexity(model, tokens), _dense_llm_perplexity(_full()),
+    return LLMReport(overall, min(zeros.values()), _llm_perplexity(fresh.eval(), tokens), _dense_llm_perplexity(_full()),
                      len(tokens) - 1)
 
 
@@ -730,6 +761,48 @@ def _scores(course: Path, lab: str, student: str) -> dict:
     return {"score": score, "max_score": maximum, "manual_pending": manual, "failed_tests": " ".join(sorted(failed))}
 
 
+_FLAGS = (  # (pattern in a solution cell, what the score table says); checked on code, comments stripped
+    (re.compile(r"^\s*(import\s+chapter11|from\s+chapter11(\.[\w.]+)?\s+import)", re.M), "imports chapter11"),
+    (re.compile(r"\b(check|labs|chapter11(\.\w+)*)\.\w+\s*=[^=]"), "assigns to chapter11's checkers or graders"),
+    (re.compile(r"\b(setattr|monkeypatch)\s*\(|__dict__\s*\["), "patches attributes at run time"),
+    (re.compile(r"^\s*(import\s+scipy|from\s+scipy(\.[\w.]+)?\s+import)", re.M), "imports scipy"),
+)
+
+
+def flagged_cells(notebook: Path, imports: bool = True) -> list[str]:
+    """What a submission's solution cells do that the labs' rule forbids, for the score table's note.
+
+    A function lab is for writing the function: importing `chapter11` (which
+    holds every answer) or `scipy` (lab 4's CSR), or rebinding the checkers
+    and graders, can score full marks without it. Such submissions are
+    flagged, not failed: the instructor reads them. `imports=False` (the
+    projects, which are meant to use the library) flags only the patching.
+
+    >>> import tempfile
+    >>> nb = Path(tempfile.mkdtemp()) / "n.ipynb"
+    >>> cell = {"cell_type": "code", "source": "from chapter11.csr import to_csr\\ncheck.check_to_csr = lambda f: True",
+    ...         "metadata": {"nbgrader": {"solution": True, "grade_id": "to_csr"}}}
+    >>> _ = nb.write_text(json.dumps({"cells": [cell]}))
+    >>> flagged_cells(nb)
+    ['to_csr: imports chapter11', "to_csr: assigns to chapter11's checkers or graders"]
+    """
+    try:
+        cells = json.loads(Path(notebook).read_text()).get("cells", [])
+    except (OSError, ValueError):
+        return []
+    found = []
+    for cell in cells:
+        meta = cell.get("metadata", {}).get("nbgrader", {})
+        if cell.get("cell_type") != "code" or not meta.get("solution"):
+            continue
+        source = cell.get("source", "")
+        source = "".join(source) if isinstance(source, list) else source
+        code = "\n".join(line.split("#", 1)[0] for line in source.splitlines())
+        found += [f"{meta.get('grade_id', '?')}: {what}" for pattern, what in _FLAGS
+                  if pattern.search(code) and (imports or not what.startswith("imports"))]
+    return found
+
+
 def _samples(lab: str, samples: Path = SAMPLES) -> list[Path]:
     folder = samples / lab
     return sorted(folder.glob("*.py")) if folder.is_dir() else []
@@ -800,7 +873,7 @@ def _clear_own(course: Path, labs: Sequence[str]) -> None:
                     shutil.rmtree(student / lab, ignore_errors=True)
 
 
-FIELDS = ("lab", "submission", "kind", "score", "max_score", "manual_pending", "failed_tests", "seconds", "note")
+FIELDS = ("lab", "submission", "kind", "score", "max_score", "manual_pending", "failed_tests", "seconds", "flagged", "note")
 
 
 def build(out: Path = BUILD, only: Sequence[str] | None = None, samples: bool = True, release_only: bool = False,
@@ -893,11 +966,15 @@ def build(out: Path = BUILD, only: Sequence[str] | None = None, samples: bool = 
                     scores = {"score": 0.0, "max_score": reference["max_score"], "manual_pending": reference["manual_pending"],
                               "failed_tests": "autograde-failed"}
                     note = _error_line(result)
+                flags = flagged_cells(_notebook(lab, out / "submitted" / student), imports=lab.startswith("lab_"))
+                if flags:
+                    note = "; ".join([note] * bool(note) + [f"FLAGGED: {'; '.join(flags)}"])
                 row = {"lab": lab, "submission": student, "kind": kind, **scores,
-                       "seconds": round(time.perf_counter() - start, 1), "note": note}
+                       "seconds": round(time.perf_counter() - start, 1), "note": note, "flagged": bool(flags)}
                 rows.append(row)
                 log(f"  {lab:24s} {student:32s} {row['score']:g}/{row['max_score']:g}"
                     + (f"  lost: {row['failed_tests']}" if row["failed_tests"] else "")
+                    + ("  FLAGGED" if row["flagged"] else "")
                     + f"  ({row['seconds']:.0f} s)")
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=FIELDS, lineterminator="\n")
@@ -909,17 +986,20 @@ def build(out: Path = BUILD, only: Sequence[str] | None = None, samples: bool = 
 
 
 def problems(rows: Sequence[Mapping]) -> list[str]:
-    """What is wrong with a build's scores: a reference short of full marks, a sample with full marks.
+    """What is wrong with a build's scores: a reference short of full marks or flagged, a sample with full marks not flagged.
 
     >>> problems([{"lab": "l", "submission": "reference", "kind": "reference", "score": 5.0, "max_score": 5.0},
-    ...           {"lab": "l", "submission": "sample-x", "kind": "sample", "score": 5.0, "max_score": 5.0}])
+    ...           {"lab": "l", "submission": "sample-x", "kind": "sample", "score": 5.0, "max_score": 5.0},
+    ...           {"lab": "l", "submission": "sample-cheat", "kind": "sample", "score": 5.0, "max_score": 5.0, "flagged": True}])
     ['l: sample-x scored full marks (5/5) but is wrong']
     """
     out = []
     for r in rows:
         if r["kind"] == "reference" and r["score"] < r["max_score"]:
             out.append(f"{r['lab']}: the reference scored {r['score']:g}/{r['max_score']:g}")
-        if r["kind"] == "sample" and r["score"] >= r["max_score"]:
+        if r["kind"] == "reference" and r.get("flagged"):
+            out.append(f"{r['lab']}: the reference is flagged ({r['note']})")
+        if r["kind"] == "sample" and r["score"] >= r["max_score"] and not r.get("flagged"):
             out.append(f"{r['lab']}: {r['submission']} scored full marks ({r['score']:g}/{r['max_score']:g}) but is wrong")
     return out
 
@@ -948,7 +1028,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in found:
         print(f"PROBLEM: {p}", file=sys.stderr)
     samples_ran = any(r["kind"] == "sample" for r in rows)
-    verdict = "; references full marks" + (", every sample lost points" if samples_ran else " (no samples graded)")
+    verdict = "; references full marks" + (", every sample lost points or was flagged" if samples_ran else " (no samples graded)")
+    flagged = [r for r in rows if r.get("flagged") and r["kind"] == "student"]
+    if flagged:
+        print(f"flagged for reading ({len(flagged)}): " + ", ".join(f"{r['lab']}/{r['submission']}" for r in flagged))
     print(f"labs built in {time.perf_counter() - start:.0f} s" + ("" if found or not rows else verdict))
     return 1 if found else 0
 

@@ -85,7 +85,7 @@ def c_count(text, marker):
 @pytest.mark.parametrize("lab", FUNCTION_LABS)
 def test_function_lab_hides_its_hand_computed_answers(lab):
     tests = [c for c in _source(lab).cells if _meta(c).get("grade") and c.cell_type == "code"]
-    assert any("check.check_" in c.source for c in tests), "no visible checker test"
+    assert any("check.graded(\"check_" in c.source for c in tests), "no visible checker test"
     assert any("### BEGIN HIDDEN TESTS" in c.source and "### END HIDDEN TESTS" in c.source for c in tests)
 
 
@@ -133,10 +133,46 @@ def test_reference_solution_passes_every_test_cell(lab):
 
 @pytest.mark.parametrize("sample", [p for lab in FUNCTION_LABS for p in labs._samples(lab)], ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_wrong_sample_fails_a_test_cell(sample):
+    """Every wrong sample loses points; a cheat (cheat_*.py) loses points or its solution cells are flagged."""
+    from chapter11 import check
+
     lab = sample.parent.name
-    answers = {**labs.reference_answers(lab), **labs.sample_answers(sample)[1]}
-    passed = _run_cells(lab, answers)
+    cheat = labs.sample_answers(sample)[1]
+    answers = {**labs.reference_answers(lab), **cheat}
+    saved = dict(vars(check))  # a cheat rebinds the checkers of this process's module: put them back
+    try:
+        passed = _run_cells(lab, answers)
+    finally:
+        vars(check).update(saved)
+    if sample.stem.startswith("cheat_"):
+        nb = sample.parent / "x.ipynb"
+        cells = [{"cell_type": "code", "source": text, "metadata": {"nbgrader": {"solution": True, "grade_id": gid}}} for gid, text in cheat.items()]
+        flags = _flags_of(cells)
+        assert flags or not all(passed.values()), f"{sample.name} passed every test and was not flagged"
+        return
     assert not all(passed.values()), f"{sample.name} passed every test: {passed}"
+
+
+def _flags_of(cells: list[dict]) -> list[str]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        nb = Path(tmp) / "n.ipynb"
+        nb.write_text(json.dumps({"cells": cells}))
+        return labs.flagged_cells(nb)
+
+
+def test_reference_solutions_are_not_flagged_and_the_cheats_are():
+    for lab in FUNCTION_LABS:
+        cells = [{"cell_type": "code", "source": t, "metadata": {"nbgrader": {"solution": True, "grade_id": g}}} for g, t in labs.reference_answers(lab).items()]
+        assert _flags_of(cells) == [], lab
+    cheats = {p.stem: p for lab in FUNCTION_LABS for p in labs._samples(lab) if p.stem.startswith("cheat_")}
+    assert {"cheat_rebinds_the_checker", "cheat_imports_scipy"} <= set(cheats)
+    for name, path in cheats.items():
+        cells = [{"cell_type": "code", "source": t, "metadata": {"nbgrader": {"solution": True, "grade_id": g}}} for g, t in labs.sample_answers(path)[1].items()]
+        assert _flags_of(cells), name
+    plain = [{"cell_type": "code", "source": "import numpy as np  # not chapter11\nx = check_value == 3", "metadata": {"nbgrader": {"solution": True}}}]
+    assert _flags_of(plain) == []
 
 
 def test_unanswered_release_fails_every_test_cell():
@@ -219,10 +255,56 @@ def test_reports_apply_the_targets_at_their_edges():
     channels = labs.ChannelReport(macs=50, dense_macs=100, accuracy=0.94, dense_accuracy=0.97, examples=10, channels=(1, 1, 1))
     assert channels.macs_ok and channels.accuracy_ok
     assert not labs.ChannelReport(51, 100, 0.939, 0.97, 10, (1, 1, 1)).macs_ok
-    llm = labs.LLMReport(sparsity=0.4995, min_layer_sparsity=0.49, perplexity=40.0, dense_perplexity=20.0, tokens=8)
+    llm = labs.LLMReport(sparsity=0.55, min_layer_sparsity=0.4995, perplexity=40.0, dense_perplexity=20.0, tokens=8)
     assert llm.sparsity_ok and llm.perplexity_ok
     assert not labs.LLMReport(0.49, 0.49, 40.1, 20.0, 8).sparsity_ok
+    assert not labs.LLMReport(0.6, 0.49, 30.0, 20.0, 8).sparsity_ok  # the average is not enough: every matrix counts
     assert not labs.LLMReport(0.5, 0.5, math.nan, 20.0, 8).perplexity_ok
+
+
+@pytest.mark.slow
+def test_channel_grader_grades_the_weights_not_the_submitted_object():
+    """Issue 26's cheats: a SmallCNN subclass that answers the all-zero MAC-counting signal itself, or convolves past the hooks."""
+    import torch.nn.functional as F
+
+    task = labs.channel_task()
+    base = type(task.model)
+
+    class SpecialCasesTheCountingSignal(base):
+        def forward(self, x):
+            if not bool(x.any()):
+                return torch.zeros(x.shape[0], 10)  # no layer runs, so hooks count no MACs
+            return super().forward(x)
+
+    class ConvolvesPastTheHooks(base):
+        def forward(self, x):
+            x = x.unsqueeze(1) if x.dim() == 2 else x
+            x = F.max_pool1d(F.relu(self.bn1(F.conv1d(x, self.conv1.weight, self.conv1.bias, padding="same"))), 2)
+            x = F.max_pool1d(F.relu(self.bn2(F.conv1d(x, self.conv2.weight, self.conv2.bias, padding="same"))), 2)
+            x = F.relu(self.bn3(F.conv1d(x, self.conv3.weight, self.conv3.bias, padding="same")))
+            return self.fc(x.flatten(2).mean(-1))
+
+    for cheat_class in (SpecialCasesTheCountingSignal, ConvolvesPastTheHooks):
+        cheat = cheat_class()
+        cheat.load_state_dict(task.model.state_dict())
+        report = labs.grade_channels(cheat)
+        assert report.macs == report.dense_macs and not report.macs_ok, (cheat_class.__name__, report)
+        assert abs(report.accuracy - report.dense_accuracy) < 1e-9  # graded as the dense network its weights make
+
+
+@pytest.mark.slow
+def test_llm_grader_needs_half_of_every_projection_and_grades_the_weights():
+    """Issue 26's cheat: attention left dense and the MLP pruned to 2/3 averages 50% but misses the per-matrix rule."""
+    from chapter11.models import load_smollm
+    from chapter11.oneshot import mask_from_scores
+
+    model = load_smollm()[0]
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(("gate_proj", "up_proj", "down_proj")):
+                module.weight.mul_(mask_from_scores(module.weight.abs(), sparsity=2 / 3, scope="row"))
+    report = labs.grade_llm(model)
+    assert report.sparsity > 0.5 - 1e-3 and report.min_layer_sparsity < 0.1 and not report.sparsity_ok, report
 
 
 @pytest.mark.slow
@@ -316,7 +398,13 @@ def test_references_score_full_marks_and_every_sample_loses_points(built):
     samples = [r for r in rows if r["kind"] == "sample"]
     assert len(samples) == sum(len(labs._samples(lab)) for lab in LABS)
     for r in samples:
-        assert r["score"] < r["max_score"] and r["failed_tests"], r
+        if r["submission"].startswith("sample-cheat_"):  # a cheat loses points or is flagged in the table
+            assert (r["score"] < r["max_score"]) or (r["flagged"] and "FLAGGED" in r["note"]), r
+        else:
+            assert r["score"] < r["max_score"] and r["failed_tests"] and not r["flagged"], r
+    cheats = {r["submission"]: r for r in samples if r["submission"].startswith("sample-cheat_")}
+    assert cheats["sample-cheat_rebinds_the_checker"]["flagged"] and "test_sparsity_checker" in cheats["sample-cheat_rebinds_the_checker"]["failed_tests"]
+    assert cheats["sample-cheat_imports_scipy"]["flagged"]
     with open(out / "scores.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert [(t["lab"], t["submission"]) for t in table] == [(r["lab"], r["submission"]) for r in rows]
