@@ -13,8 +13,9 @@ test cells with points, and hidden tests between `### BEGIN HIDDEN TESTS` /
      LeNet-300-100 on MNIST-1D, at most 20% of the weights left and test
      accuracy at most 2 points below dense (`grade_fine_grained`);
   2. `project_2_channels`: channel pruning of SmallCNN, at least 2x fewer
-     MACs and at most 3 points below dense, plus a measured latency and a
-     written explanation (`grade_channels`, `check_latency`);
+     MACs and at most 3 points below dense, plus a measured speedup (checked
+     against the grader's own timing) and a written explanation
+     (`grade_channels`, `check_latency`);
   3. `project_3_llm`: SmolLM2-135M one-shot pruned to 50% of the weights of
      every decoder projection, held-out perplexity at most 2x dense
      (`grade_llm`).
@@ -31,13 +32,24 @@ submissions of `notebooks/exercises/samples/` autograded by nbgrader, and
     >>> round(MAX_DENSITY, 2), MAX_DROP_FINE, MAX_DROP_CHANNELS, MIN_MAC_REDUCTION, MAX_PERPLEXITY_RATIO
     (0.2, 0.02, 0.03, 2.0, 2.0)
 
-But: the graders run inside the student's kernel, so a student who
-monkeypatches `chapter11.labs` can fool them (nbgrader's usual limit; read
-suspicious submissions). Manually graded cells (project 2's explanation)
-are left to the instructor (`nbgrader formgrader`); the score table lists
-their points as pending. The dense models, their held-out accuracies and
-the MNIST-1D draws are made once per machine and cached under
-`chapter11.models.cache_dir()/labs`.
+The graders run inside the student's kernel (nbgrader's way), so what a
+submission can reach is kept out of the grade:
+- the dense references a project is compared with (held-out accuracy,
+  perplexity, the grading data's digest, the evaluation tokens) are computed
+  from scratch by the grading process before any submission runs
+  (`grading_references`) and handed to every kernel in the environment
+  variable `CH11_LABS_REFERENCES`; files under `cache_dir()`, which a
+  submission can overwrite, are then never trusted;
+- the function labs' checkers are fixed when `chapter11.check` is imported;
+- solution cells that import the library in a function lab, rebind or patch
+  checkers and graders, reach into their private state or change the
+  environment are flagged in the score table (`flagged_cells`).
+A determined student can still fool code that shares its process; the flags
+tell the instructor which notebooks to read. Manually graded cells (project
+2's explanation) are left to the instructor (`nbgrader formgrader`); the
+score table lists their points as pending. For students the dense models,
+their held-out accuracies and the MNIST-1D draws are made once per machine
+and cached under `chapter11.models.cache_dir()/labs`.
 """
 
 from __future__ import annotations
@@ -81,6 +93,10 @@ __all__ = [
     "ChannelReport",
     "grade_channels",
     "check_latency",
+    "measure_latency",
+    "grading_references",
+    "configure_nbgrader",
+    "cell_timeout",
     "LLMTask",
     "llm_task",
     "LLMReport",
@@ -114,6 +130,14 @@ GRADE_SEED = 1119  # the grader's MNIST-1D draw: never given to students
 GRADE_SAMPLES = 5000  # all of that draw (train and test halves) is graded
 CACHE_VERSION = 1
 
+LATENCY_BATCH = 256  # project 2: both latencies are measured on this many signals
+LATENCY_TOLERANCE = 2.0  # project 2: the student's speedup must be within 2x of the grader's own measurement
+
+# nbgrader's limit per cell, in seconds: a function lab runs in seconds, so a
+# runaway loop costs two minutes per student; the projects fine-tune and run an LLM.
+CELL_TIMEOUT_S = {"lab": 120, "project": 1200}
+REFERENCES_ENV = "CH11_LABS_REFERENCES"
+
 
 # ---------------------------------------------------------------- tasks (what students get)
 
@@ -143,18 +167,25 @@ def _cache_path(name: str, settings: Mapping) -> Path:
     return cache_dir() / "labs" / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
 
 
+_FROM_SCRATCH: dict[Path, object] | None = None  # set by grading_references: nothing cached is read, what is made is kept
+
+
 def _cached(name: str, settings: Mapping, make):
     """`make()` (a dict of tensors and numbers), saved once per machine under cache_dir()/labs."""
     from .report import atomic_torch_save
 
     path = _cache_path(name, settings)
-    if path.is_file():
+    if _FROM_SCRATCH is not None and path in _FROM_SCRATCH:
+        return _FROM_SCRATCH[path]
+    if path.is_file() and _FROM_SCRATCH is None:
         try:
             return torch.load(path, weights_only=True)
         except Exception:  # a damaged cache file is rebuilt
             pass
     value = make()
     atomic_torch_save(value, path)
+    if _FROM_SCRATCH is not None:
+        _FROM_SCRATCH[path] = value
     return value
 
 
@@ -246,8 +277,24 @@ def channel_task() -> ClassificationTask:
 
 @functools.lru_cache(maxsize=1)
 def _grading_tensors() -> tuple[torch.Tensor, torch.Tensor]:
-    draw = _mnist1d(GRADE_SAMPLES, GRADE_SEED)
-    return torch.cat([draw.X_train, draw.X_test]), torch.cat([draw.y_train, draw.y_test])  # (N, 40), (N,)
+    """The grader's draw; under trusted references, checked against their digest and made afresh if a file was changed."""
+    def draw():
+        d = _mnist1d(GRADE_SAMPLES, GRADE_SEED)
+        return torch.cat([d.X_train, d.X_test]), torch.cat([d.y_train, d.y_test])  # (N, 40), (N,)
+
+    X, y = draw()
+    want = _REFERENCES.get("grading_data")
+    if want and _tensor_digest(X, y) != want:
+        with _from_scratch():
+            X, y = draw()
+        if _tensor_digest(X, y) != want:
+            raise RuntimeError("the grading data made here differ from the references the grading process computed "
+                               f"({REFERENCES_ENV}); was the library changed during grading?")
+    return X, y
+
+
+def _tensor_digest(*tensors: torch.Tensor) -> str:
+    return _state_digest({str(i): t for i, t in enumerate(tensors)})
 
 
 def grading_loader():
@@ -266,6 +313,8 @@ def _grade_accuracy(model: nn.Module) -> float:
 
 
 def _dense_grade_accuracy(name: str) -> float:
+    if name in _REFERENCES:
+        return float(_REFERENCES[name]["accuracy"])
     settings = {"state": _state_digest(_dense_state(name)), "seed": GRADE_SEED, "n": GRADE_SAMPLES}
     return float(_cached(f"dense-{name}-grade-accuracy", settings,
                          lambda: {"accuracy": _grade_accuracy(_dense(name))})["accuracy"])
@@ -277,6 +326,114 @@ def _state_digest(state: Mapping[str, torch.Tensor]) -> str:
         h.update(k.encode())
         h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- trusted references
+
+
+_PROJECT_REFERENCE = {"project_1_fine_grained": "lenet", "project_2_channels": "cnn", "project_3_llm": "smollm"}
+
+
+def _load_references() -> dict:
+    """The references handed over in CH11_LABS_REFERENCES, read once when the module is imported (before student code)."""
+    text = os.environ.get(REFERENCES_ENV)
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise RuntimeError(f"{REFERENCES_ENV} is set but is not the JSON that labs.grading_references writes") from None
+    return value if isinstance(value, dict) else {}
+
+
+_REFERENCES: dict = _load_references()
+
+
+@contextlib.contextmanager
+def _from_scratch():
+    """Inside: `_cached` makes every value instead of reading it, rewrites its file, and remembers it."""
+    global _FROM_SCRATCH
+    outer, _FROM_SCRATCH = _FROM_SCRATCH, {} if _FROM_SCRATCH is None else _FROM_SCRATCH
+    _split.cache_clear()
+    try:
+        yield _FROM_SCRATCH
+    finally:
+        _FROM_SCRATCH = outer
+        _split.cache_clear()
+
+
+def grading_references(labs: Sequence[str] | None = None, full: bool = False) -> tuple[dict, dict]:
+    """(references, made): what the project graders compare with, computed without reading anything cached.
+
+    `labs` names the labs to be graded (all when None); only the projects
+    among them need a reference: the grading data's digest always, the dense
+    LeNet's and CNN's held-out accuracy (each dense model trained again
+    from its seed, the same as the cached one on this machine), SmolLM2's
+    evaluation tokens, configuration and dense perplexity (de-quantised
+    afresh from the GGUF file). `made` maps each cache file written on the
+    way to its value, so a build can put back what a submission overwrote
+    (`_restore`). Costs about 5 s, plus 20 s for the CNN and 30 s for the
+    LLM on two cores.
+    """
+    from .data import pydoc_topics, text_tokens
+    from .models import load_smollm
+
+    wanted = {_PROJECT_REFERENCE[n] for n in (lab_names() if labs is None else labs) if n in _PROJECT_REFERENCE}
+    global _REFERENCES
+    outer, _REFERENCES = _REFERENCES, {}
+    _grading_tensors.cache_clear()
+    try:
+        with _from_scratch() as made:
+            refs = {"grading_data": _tensor_digest(*_grading_tensors())}
+            for name in ("lenet", "cnn"):
+                if name in wanted:
+                    refs[name] = {"accuracy": _dense_grade_accuracy(name)}
+            if "smollm" in wanted:
+                model, tokenizer = load_smollm(cache=False)
+                tokens = text_tokens(tokenizer, pydoc_topics("evaluation"), max_tokens=LLM_EVAL_BLOCKS[full] * LLM_BLOCK + 1)
+                refs["smollm"] = {"full": full, "tokens": tokens.tolist(), "perplexity": _llm_perplexity(model, tokens),
+                                  "config": json.loads(model.config.to_json_string(use_diff=False))}
+    finally:
+        _REFERENCES = outer
+        _grading_tensors.cache_clear()
+    return refs, made
+
+
+def _restore(made: Mapping[Path, object]) -> None:
+    """Write back the values `grading_references` made (a submission may have overwritten their files)."""
+    from .report import atomic_torch_save
+
+    for path, value in made.items():
+        atomic_torch_save(value, path)
+
+
+def _named_labs(argv: Sequence[str]) -> list[str]:
+    names = lab_names()
+    return [n for n in names if any(a.strip("/").split("/")[-1] == n for a in argv)]
+
+
+def cell_timeout(labs: Sequence[str]) -> int:
+    """nbgrader's limit per cell (s) for grading `labs`: CELL_TIMEOUT_S["lab"] when all are function labs.
+
+    >>> cell_timeout(["lab_04_csr"]), cell_timeout(["lab_04_csr", "project_3_llm"]), cell_timeout([])
+    (120, 1200, 1200)
+    """
+    return CELL_TIMEOUT_S["lab"] if labs and all(n.startswith("lab_") for n in labs) else CELL_TIMEOUT_S["project"]
+
+
+def configure_nbgrader(c, argv: Sequence[str]) -> None:
+    """What `nbgrader_config.py` asks of the labs, for the nbgrader command in `argv` (`sys.argv`).
+
+    The cell time limit follows the labs named on the command line
+    (`cell_timeout`). For `nbgrader autograde`, the references are computed
+    here, in nbgrader's own process before any submission runs, and put in
+    the environment that every kernel inherits (`grading_references`).
+    """
+    named = _named_labs(argv[1:])
+    c.Execute.timeout = cell_timeout(named)
+    if list(argv[1:2]) == ["autograde"]:
+        refs, _ = grading_references(named or None, full=os.environ.get("CH11_FULL") == "1")
+        os.environ[REFERENCES_ENV] = json.dumps(refs)
 
 
 def _check_module(model, argument: str = "model") -> nn.Module:
@@ -412,7 +569,7 @@ def grade_channels(model: nn.Module) -> ChannelReport:
     model = _check_module(model)
     if not isinstance(model, SmallCNN):
         raise TypeError(f"model must be the lab's SmallCNN with channels removed (remove_channels), got {type(model).__name__}")
-    dense = _dense("cnn")
+    dense = _new_model("cnn").eval()  # MACs depend on the shapes only: nothing cached is read
     state = _plain_state(model)
     try:
         widths = tuple(int(state[f"conv{i}.weight"].shape[0]) for i in (1, 2, 3))
@@ -434,16 +591,48 @@ def grade_channels(model: nn.Module) -> ChannelReport:
                          len(_grading_tensors()[1]), widths)
 
 
-def check_latency(latency_ms, report: ChannelReport) -> bool:
-    """Project 2's latency report: {"dense": ms, "pruned": ms}, both measured, positive and finite.
+def measure_latency(report: ChannelReport, repeats: int = 15) -> dict[str, float]:
+    """The grader's own timing (ms): a dense SmallCNN and one of `report.channels` on the same LATENCY_BATCH signals.
 
-    Prints the measured speedup next to the MAC reduction, the comparison
-    the written answer explains. Raises ValueError naming what is missing.
+    Medians of `repeats` interleaved calls (`chapter11.bench.compare`) in
+    inference mode. Only the shapes matter for the time, so no weights are
+    loaded.
+    """
+    from .bench import compare
+    from .models import SmallCNN
+
+    X = _grading_tensors()[0][:LATENCY_BATCH]
+    nets = {"dense": _new_model("cnn").eval(), "pruned": SmallCNN(channels=tuple(report.channels)).eval()}
+
+    def runner(net):
+        def call():
+            with torch.inference_mode():
+                net(X)
+        return call
+
+    timing = compare({k: runner(net) for k, net in nets.items()}, repeats=repeats, warmup=2)
+    return {k: 1000 * v for k, v in timing["median_s"].items()}
+
+
+def check_latency(latency_ms, report: ChannelReport, measured: Mapping[str, float] | None = None) -> bool:
+    """Project 2's latency point: the student's measured speedup agrees with the grader's own measurement.
+
+    `latency_ms` is {"dense": ms, "pruned": ms}, both positive and finite
+    (ValueError naming what is wrong otherwise). The grader times the same
+    two shapes itself on LATENCY_BATCH signals (`measure_latency`, or
+    `measured` when given) and raises AssertionError, with both numbers,
+    unless the student's speedup is within LATENCY_TOLERANCE (2x) of its own:
+    made-up numbers lose the point, an honest measurement on another busy
+    moment keeps it.
 
     >>> r = ChannelReport(100, 300, 0.9, 0.9, 10, (16, 32, 32))
-    >>> check_latency({"dense": 2.0, "pruned": 1.25}, r)
-    measured speedup 1.60x for 3.00x fewer MACs
+    >>> check_latency({"dense": 2.0, "pruned": 1.25}, r, measured={"dense": 1.0, "pruned": 0.8})
+    your speedup 1.60x; the grader's on 256 signals 1.25x; 3.00x fewer MACs
     True
+    >>> check_latency({"dense": 9.0, "pruned": 1.0}, r, measured={"dense": 1.0, "pruned": 0.8})
+    Traceback (most recent call last):
+    ...
+    AssertionError: latency_ms: your speedup 9.00x is not within 2x of the grader's 1.25x for the same networks on 256 signals; time both on task.split.X_test[:256], interleaved
     """
     if not isinstance(latency_ms, Mapping) or set(latency_ms) != {"dense", "pruned"}:
         raise ValueError(f"latency_ms must be a dict with keys 'dense' and 'pruned' (milliseconds), got {latency_ms!r}")
@@ -453,7 +642,14 @@ def check_latency(latency_ms, report: ChannelReport) -> bool:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise ValueError(f"latency_ms[{key!r}] must be a measured time in ms (a number > 0), got {v!r}")
         values[key] = float(v)
-    print(f"measured speedup {values['dense'] / values['pruned']:.2f}x for {report.mac_reduction:.2f}x fewer MACs")
+    measured = measure_latency(report) if measured is None else measured
+    yours, grader = values["dense"] / values["pruned"], measured["dense"] / measured["pruned"]
+    print(f"your speedup {yours:.2f}x; the grader's on {LATENCY_BATCH} signals {grader:.2f}x; "
+          f"{report.mac_reduction:.2f}x fewer MACs")
+    if not 1 / LATENCY_TOLERANCE <= yours / grader <= LATENCY_TOLERANCE:
+        raise AssertionError(f"latency_ms: your speedup {yours:.2f}x is not within {LATENCY_TOLERANCE:g}x of the grader's "
+                             f"{grader:.2f}x for the same networks on {LATENCY_BATCH} signals; "
+                             f"time both on task.split.X_test[:{LATENCY_BATCH}], interleaved")
     return True
 
 
@@ -533,11 +729,18 @@ class LLMReport:
                 f"{self.ratio:.2f}x (target <= {MAX_PERPLEXITY_RATIO:.0f}x): {mark[self.perplexity_ok]}")
 
 
+def _smollm_reference(full: bool) -> dict | None:
+    ref = _REFERENCES.get("smollm")
+    return ref if ref and ref.get("full") == full else None
+
+
 @functools.lru_cache(maxsize=2)
 def _llm_eval_tokens(full: bool) -> torch.Tensor:
     from .data import pydoc_topics, text_tokens
     from .models import load_smollm
 
+    if (ref := _smollm_reference(full)) is not None:
+        return torch.tensor(ref["tokens"], dtype=torch.long)
     _, tokenizer = load_smollm()
     return text_tokens(tokenizer, pydoc_topics("evaluation"), max_tokens=LLM_EVAL_BLOCKS[full] * LLM_BLOCK + 1)
 
@@ -552,6 +755,8 @@ def _llm_perplexity(model: nn.Module, tokens: torch.Tensor) -> float:
 def _dense_llm_perplexity(full: bool) -> float:
     from .models import load_smollm, smollm_path
 
+    if (ref := _smollm_reference(full)) is not None:
+        return float(ref["perplexity"])
     tokens = _llm_eval_tokens(full)
     settings = {"model": smollm_path().name, "size": smollm_path().stat().st_size,
                 "tokens": hashlib.sha1(tokens.numpy().tobytes()).hexdigest()[:12], "block": LLM_BLOCK}
@@ -562,9 +767,10 @@ def _dense_llm_perplexity(full: bool) -> float:
 def grade_llm(model: nn.Module) -> LLMReport:
     """Grade project 3: zeros in every decoder projection and perplexity on held-out text.
 
-    Only the submitted weights are graded: they are loaded into a freshly
-    loaded SmolLM2 (`chapter11.models.load_smollm`), so a model object with
-    its own `forward` cannot change what is measured. Each of the 210
+    Only the submitted weights are graded: they are loaded into a fresh
+    SmolLM2 (built from the configuration in the trusted references, else
+    `chapter11.models.load_smollm`), so a model object with its own
+    `forward` cannot change what is measured. Each of the 210
     projection matrices must be at least 50% zeros (`LLM_SPARSITY`, less
     `LLM_SPARSITY_SLACK`), not their average. Perplexity is measured on the
     first 8 x 128 tokens of `pydoc_topics("evaluation")` (32 x 128 with
@@ -574,7 +780,13 @@ def grade_llm(model: nn.Module) -> LLMReport:
 
     model = _check_module(model)
     _llm_projections(model)  # a clear error for what is not a decoder LLM
-    fresh = load_smollm()[0]
+    if (ref := _smollm_reference(_full())) is not None:  # nothing cached is read: the architecture comes from the references
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model(**ref["config"])
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    else:
+        fresh = load_smollm()[0]
     state = _plain_state(model)
     expected = fresh.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -671,7 +883,7 @@ def fill_release(release_nb: Path, answers: Mapping[str, str], target: Path) -> 
 
 
 @contextlib.contextmanager
-def _grading_environment(course: Path, full: bool):
+def _grading_environment(course: Path, full: bool, references: Mapping | None = None):
     """Environment for nbgrader and its kernels: the venv's bin on PATH, quiet thread pools, no progress bars.
 
     nbgrader 0.9 runs the `alembic` executable by name to create its gradebook,
@@ -696,6 +908,8 @@ def _grading_environment(course: Path, full: bool):
                 "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                 "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4"),
                 "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+    if references is not None:
+        settings[REFERENCES_ENV] = json.dumps(references)
     old = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     try:
@@ -711,7 +925,7 @@ def _grading_environment(course: Path, full: bool):
                 os.environ[k] = v
 
 
-def _api(course: Path):
+def _api(course: Path, timeout: int | None = None):
     from nbgrader.apps import NbGraderAPI
     from nbgrader.coursedir import CourseDirectory
     from traitlets.config import Config
@@ -720,6 +934,8 @@ def _api(course: Path):
     config = PyFileConfigLoader(str(course / "nbgrader_config.py")).load_config() if (course / "nbgrader_config.py").is_file() else Config()
     config.CourseDirectory.root = str(course)
     config.NbGraderAPI.log_level = "WARN"
+    if timeout is not None:
+        config.Execute.timeout = timeout
     return NbGraderAPI(coursedir=CourseDirectory(config=config), config=config)
 
 
@@ -727,6 +943,16 @@ def _require(result: dict, what: str) -> None:
     if not result.get("success"):
         log = (result.get("error") or "") + (result.get("log") or "")
         raise RuntimeError(f"nbgrader {what} failed:\n{log[-4000:]}")
+
+
+def _report_lines(course: Path, lab: str, student: str) -> list[str]:
+    """The grader's measured lines (those naming a target) printed in a project's autograded notebook."""
+    try:
+        nb = json.loads(_notebook(lab, course / "autograded" / student).read_text())
+    except (OSError, ValueError):
+        return []
+    texts = ["".join(o.get("text", "")) for c in nb.get("cells", []) if c.get("cell_type") == "code" for o in c.get("outputs", [])]
+    return [line.strip() for t in texts for line in t.splitlines() if "(target" in line or line.startswith("your speedup")]
 
 
 def _error_line(result: dict) -> str:
@@ -766,6 +992,9 @@ _FLAGS = (  # (pattern in a solution cell, what the score table says); checked o
     (re.compile(r"\b(check|labs|chapter11(\.\w+)*)\.\w+\s*=[^=]"), "assigns to chapter11's checkers or graders"),
     (re.compile(r"\b(setattr|monkeypatch)\s*\(|__dict__\s*\["), "patches attributes at run time"),
     (re.compile(r"^\s*(import\s+scipy|from\s+scipy(\.[\w.]+)?\s+import)", re.M), "imports scipy"),
+    (re.compile(r"\b(check|labs)\._\w+|\bcache_dir\s*\("), "reaches into the graders' private state or cache"),
+    (re.compile(r"\bos\.environ\s*(\[[^\]]*\]\s*=[^=]|\.(update|pop|setdefault|clear)\b)|\b(putenv|unsetenv)\s*\("),
+     "changes the environment the graders read"),
 )
 
 
@@ -774,7 +1003,8 @@ def flagged_cells(notebook: Path, imports: bool = True) -> list[str]:
 
     A function lab is for writing the function: importing `chapter11` (which
     holds every answer) or `scipy` (lab 4's CSR), or rebinding the checkers
-    and graders, can score full marks without it. Such submissions are
+    and graders, their private state (`labs._...`, the cache) or the
+    environment, can score full marks without it. Such submissions are
     flagged, not failed: the instructor reads them. `imports=False` (the
     projects, which are meant to use the library) flags only the patching.
 
@@ -920,7 +1150,8 @@ def build(out: Path = BUILD, only: Sequence[str] | None = None, samples: bool = 
     for lab in chosen:
         shutil.copytree(SOURCE / lab, out / "source" / lab)
     rows: list[dict] = []
-    with _grading_environment(out, full):
+    references, made = ({}, {}) if release_only else grading_references(chosen, full)
+    with _grading_environment(out, full, None if release_only else references):
         api = _api(out)
         for lab in chosen:
             _require(api.generate_assignment(lab, force=True, create=True), f"generate_assignment {lab}")
@@ -933,6 +1164,7 @@ def build(out: Path = BUILD, only: Sequence[str] | None = None, samples: bool = 
             for nb, why in ignored:
                 log(f"  ignored {nb.relative_to(submitted)}: {why}")
         for lab in chosen:
+            api = _api(out, timeout=cell_timeout([lab]))
             release = _notebook(lab, out / "release")
             subs = [("reference", "reference", "reference solution", reference_answers(lab))]
             if samples:
@@ -976,6 +1208,9 @@ def build(out: Path = BUILD, only: Sequence[str] | None = None, samples: bool = 
                     + (f"  lost: {row['failed_tests']}" if row["failed_tests"] else "")
                     + ("  FLAGGED" if row["flagged"] else "")
                     + f"  ({row['seconds']:.0f} s)")
+                for line in _report_lines(out, lab, student):
+                    log(f"      {line}")
+    _restore(made)  # the cache files a submission may have overwritten get their true values back
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=FIELDS, lineterminator="\n")
     writer.writeheader()

@@ -17,7 +17,9 @@ import csv
 import io
 import json
 import math
+import os
 import re
+from importlib.metadata import version
 from pathlib import Path
 
 import nbformat
@@ -243,8 +245,75 @@ def test_latency_report_needs_two_measured_times():
         with pytest.raises(ValueError, match="latency_ms"):
             labs.check_latency(bad, report)
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        assert labs.check_latency({"dense": 3.0, "pruned": 2.0}, report)
-    assert "1.50x for 2.50x fewer MACs" in out.getvalue()
+        assert labs.check_latency({"dense": 3.0, "pruned": 2.0}, report, measured={"dense": 2.0, "pruned": 1.0})
+    assert "your speedup 1.50x; the grader's on 256 signals 2.00x; 2.50x fewer MACs" in out.getvalue()
+
+
+def test_latency_point_needs_agreement_with_the_graders_own_timing():
+    report = labs.ChannelReport(100, 250, 0.9, 0.9, 10, (16, 32, 32))
+    measured = labs.measure_latency(report, repeats=5)  # a real timing of the two shapes
+    assert set(measured) == {"dense", "pruned"} and all(v > 0 for v in measured.values())
+    speedup = measured["dense"] / measured["pruned"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert labs.check_latency({"dense": speedup, "pruned": 1.0}, report, measured=measured)
+        assert labs.check_latency({"dense": 1.9 * speedup, "pruned": 1.0}, report, measured=measured)
+        for made_up in (2.1 * speedup, speedup / 2.1):
+            with pytest.raises(AssertionError, match="not within 2x of the grader's"):
+                labs.check_latency({"dense": made_up, "pruned": 1.0}, report, measured=measured)
+
+
+def test_cell_timeouts_follow_the_labs_named_on_the_command_line(monkeypatch):
+    from traitlets.config import Config
+
+    monkeypatch.setenv(labs.REFERENCES_ENV, "")  # so that the value set below is undone
+    monkeypatch.delenv(labs.REFERENCES_ENV)
+    c = Config()
+    labs.configure_nbgrader(c, ["nbgrader", "generate_assignment", "lab_04_csr"])
+    assert c.Execute.timeout == labs.CELL_TIMEOUT_S["lab"] == 120 and labs.REFERENCES_ENV not in os.environ
+    asked = []
+    monkeypatch.setattr(labs, "grading_references", lambda names, full: (asked.append(names) or {"grading_data": "d"}, {}))
+    labs.configure_nbgrader(c, ["nbgrader", "autograde", "project_1_fine_grained", "lab_04_csr"])
+    assert c.Execute.timeout == labs.CELL_TIMEOUT_S["project"]
+    assert asked == [["lab_04_csr", "project_1_fine_grained"]] and json.loads(os.environ[labs.REFERENCES_ENV]) == {"grading_data": "d"}
+    labs.configure_nbgrader(c, ["nbgrader", "formgrader"])
+    assert c.Execute.timeout == labs.CELL_TIMEOUT_S["project"]
+    # the shipped config file calls it
+    config = (labs.CONFIG).read_text()
+    assert "configure_nbgrader(c, sys.argv)" in config
+
+
+@pytest.mark.slow
+def test_graders_trust_the_references_not_the_cache(tmp_path, monkeypatch):
+    """A submission that overwrites cache files changes nothing graded once references are handed over."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(labs, "_REFERENCES", {})
+    labs._grading_tensors.cache_clear()
+    labs._split.cache_clear()
+    try:
+        refs, made = labs.grading_references(["project_1_fine_grained", "lab_04_csr"])
+        assert set(refs) == {"grading_data", "lenet"} and 0.3 < refs["lenet"]["accuracy"] < 1.0
+        assert all(path.is_relative_to(tmp_path) for path in made)
+        # the cheat: the dense accuracy reads 0 and every grading label is 0
+        settings = {"state": labs._state_digest(labs._dense_state("lenet")), "seed": labs.GRADE_SEED, "n": labs.GRADE_SAMPLES}
+        torch.save({"accuracy": 0.0}, labs._cache_path("dense-lenet-grade-accuracy", settings))
+        data = labs._cache_path("mnist1d", {"num_samples": labs.GRADE_SAMPLES, "seed": labs.GRADE_SEED, "mnist1d": version("mnist1d")})
+        assert data in made
+        poisoned = {k: (torch.zeros_like(v) if k.startswith("y_") else v) for k, v in made[data].items()}
+        torch.save(poisoned, data)
+        labs._grading_tensors.cache_clear()
+        assert labs._dense_grade_accuracy("lenet") == 0.0  # without references the cache is believed
+        assert int(labs._grading_tensors()[1].abs().sum()) == 0
+        monkeypatch.setattr(labs, "_REFERENCES", refs)
+        labs._grading_tensors.cache_clear()
+        assert labs._dense_grade_accuracy("lenet") == refs["lenet"]["accuracy"]
+        assert labs._tensor_digest(*labs._grading_tensors()) == refs["grading_data"]  # made afresh, file repaired
+        assert int(torch.load(data, weights_only=True)["y_train"].abs().sum()) > 0
+        labs._restore(made)
+        monkeypatch.setattr(labs, "_REFERENCES", {})
+        assert labs._dense_grade_accuracy("lenet") == refs["lenet"]["accuracy"]
+    finally:
+        labs._grading_tensors.cache_clear()
+        labs._split.cache_clear()
 
 
 def test_reports_apply_the_targets_at_their_edges():
@@ -419,6 +488,12 @@ def test_plain_magnitude_pruning_misses_the_accuracy_targets(built):
     assert lost["project_2_channels", "sample-no_recovery"] == ["test_accuracy"]
     assert lost["project_3_llm", "sample-magnitude"] == ["test_perplexity"]
     assert lost["project_2_channels", "sample-zeroed_not_removed"] == ["test_macs"]
+    # the cheats: a poisoned cache changes no grade (this one's or the next sample's), made-up latencies lose the point
+    assert lost["project_1_fine_grained", "sample-cheat_poisons_the_cache"] == ["test_accuracy"]
+    assert lost["project_1_fine_grained", "sample-finetune_without_masks"] != []
+    assert lost["project_2_channels", "sample-cheat_made_up_latency"] == ["test_latency"]
+    flagged = {r["submission"]: r for r in rows if r["lab"] == "project_1_fine_grained"}
+    assert flagged["sample-cheat_poisons_the_cache"]["flagged"] and "private state or cache" in flagged["sample-cheat_poisons_the_cache"]["note"]
 
 
 def _report_text(out, lab, student="reference"):

@@ -14,7 +14,19 @@ c.CourseDirectory.release_directory = "release"
 c.CourseDirectory.submitted_directory = "submitted"
 c.CourseDirectory.autograded_directory = "autograded"
 
-# Project labs fine-tune models and run an LLM: allow a cell up to 20 minutes.
-c.Execute.timeout = 1200
+# The labs' own settings, for the nbgrader command being run:
+# - a cell may run 2 minutes in the function labs, 20 in the projects (which
+#   fine-tune models and run an LLM): the labs named on the command line
+#   decide, e.g. `nbgrader autograde lab_04_csr`; none named, 20 minutes;
+# - `nbgrader autograde` first computes the dense references the project
+#   graders compare with, here, before any submission runs, and hands them to
+#   every kernel in the environment (CH11_LABS_REFERENCES), so no submission
+#   can change them by writing into the cache. A course that keeps its own
+#   nbgrader_config.py should keep these three lines.
+import sys  # noqa: E402
+
+from chapter11.labs import configure_nbgrader  # noqa: E402
+
+configure_nbgrader(c, sys.argv)
 # Student code may print a lot while training; keep the graded notebooks readable.
 c.LimitOutput.max_lines = 200
