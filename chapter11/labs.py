@@ -372,8 +372,8 @@ def grading_references(labs: Sequence[str] | None = None, full: bool = False) ->
     evaluation tokens, configuration and dense perplexity (de-quantised
     afresh from the GGUF file). `made` maps each cache file written on the
     way to its value, so a build can put back what a submission overwrote
-    (`_restore`). In our build it added about a minute on two cores, most
-    of it the CNN's training and SmolLM2's de-quantisation.
+    (`_restore`). Most of its time is the CNN's training and SmolLM2's
+    de-quantisation.
     """
     from .data import pydoc_topics, text_tokens
     from .models import load_smollm
