@@ -453,6 +453,17 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.endswith("_mask")}
 
 
+def _load_submitted(fresh: nn.Module, state: Mapping[str, torch.Tensor], message: str, shown: int | None = None) -> nn.Module:
+    """`fresh` with the submitted `state` loaded; ValueError(`message` with {missing} and {wrong} filled in) if it does not fit."""
+    expected = fresh.state_dict()
+    missing = sorted(set(expected) - set(state))
+    wrong = sorted(k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape))
+    if missing or wrong:
+        raise ValueError(message.format(missing=missing[:shown], wrong=wrong[:shown]))
+    fresh.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected})
+    return fresh
+
+
 # ---------------------------------------------------------------- project 1: fine-grained
 
 
@@ -496,15 +507,9 @@ def grade_fine_grained(model: nn.Module) -> FineGrainedReport:
     from .sparsity import count
 
     model = _check_module(model)
-    fresh = _new_model("lenet")
-    state = _plain_state(model)
-    expected = fresh.state_dict()
-    missing = sorted(set(expected) - set(state))
-    wrong = sorted(k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape))
-    if missing or wrong:
-        raise ValueError(f"model: expected the lab's LeNet-300-100 (fc1 300x40, fc2 100x300, fc3 10x100); "
-                         f"missing {missing}, wrong shape {wrong}")
-    fresh.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected})
+    fresh = _load_submitted(_new_model("lenet"), _plain_state(model),
+                            "model: expected the lab's LeNet-300-100 (fc1 300x40, fc2 100x300, fc3 10x100); "
+                            "missing {missing}, wrong shape {wrong}")
     nonzero, total = 0, 0
     for param in prunable_parameters(fresh).values():
         nz, n = count(param)
@@ -578,13 +583,8 @@ def grade_channels(model: nn.Module) -> ChannelReport:
     dense_widths = tuple(getattr(dense, f"conv{i}").out_channels for i in (1, 2, 3))
     if any(w > d for w, d in zip(widths, dense_widths)):
         raise ValueError(f"model: conv widths {widths} exceed the dense {dense_widths}")
-    fresh = SmallCNN(channels=widths)
-    expected = fresh.state_dict()
-    missing = sorted(set(expected) - set(state))
-    wrong = sorted(k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape))
-    if missing or wrong:
-        raise ValueError(f"model: its weights do not make a SmallCNN of widths {widths}: missing {missing}, wrong shape {wrong}")
-    fresh.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected})
+    fresh = _load_submitted(SmallCNN(channels=widths), state,
+                            f"model: its weights do not make a SmallCNN of widths {widths}: " + "missing {missing}, wrong shape {wrong}")
     fresh.eval()
     x = torch.zeros(1, 40)  # (B, L): one signal
     return ChannelReport(count_macs(fresh, x), count_macs(dense, x), _grade_accuracy(fresh), _dense_grade_accuracy("cnn"),
@@ -787,13 +787,8 @@ def grade_llm(model: nn.Module) -> LLMReport:
         fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     else:
         fresh = load_smollm()[0]
-    state = _plain_state(model)
-    expected = fresh.state_dict()
-    missing = sorted(set(expected) - set(state))
-    wrong = sorted(k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape))
-    if missing or wrong:
-        raise ValueError(f"model: its weights do not fit SmolLM2-135M: missing {missing[:4]}, wrong shape {wrong[:4]}")
-    fresh.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected})
+    _load_submitted(fresh, _plain_state(model), "model: its weights do not fit SmolLM2-135M: missing {missing}, wrong shape {wrong}",
+                    shown=4)
     weights = _llm_projections(fresh)
     zeros = {n: int((w == 0).sum()) / w.numel() for n, w in weights.items()}
     overall = sum(int((w == 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
