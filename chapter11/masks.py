@@ -443,8 +443,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         pairs = _masked_pairs(self.model)  # (name, parameter, mask); read now, so in-place mask changes count
 
-        @torch.no_grad()
-        def mask_grads():
+        def mask_grads():  # _zero_pruned runs without autograd itself
             grads = [(p.grad, m) for _, p, m in pairs if p.grad is not None]
             _zero_pruned([g for g, _ in grads], [m for _, m in grads])
 
@@ -460,8 +459,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 return loss
 
             loss = self.optimizer.step(masked_closure)
-        with torch.no_grad():
-            _zero_pruned([p for _, p, _ in pairs], [m for _, _, m in pairs])
+        _zero_pruned([p for _, p, _ in pairs], [m for _, _, m in pairs])
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
