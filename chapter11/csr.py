@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -53,6 +52,7 @@ import torch
 from numba import njit, prange
 from torch import nn
 
+from chapter11.bench import compare
 from chapter11.masks import check_mask, refuse_torch_prune
 from chapter11.sparsity import check_sparsity
 
@@ -661,14 +661,10 @@ def _auto_matmul_backend(csr: CSR, X: np.ndarray) -> str:
     if static == "mkl" or not torch.backends.mkl.is_available() or csr.nnz * batch < AUTOTUNE_MIN_WORK:
         return static
     key = (csr.shape, csr.nnz, batch, X.dtype.str)
-    if key not in _autotuned:
-        times = {"numba": [], "mkl": []}
-        for _ in range(AUTOTUNE_REPEATS):  # interleaved, so a noisy moment hits both
-            for name in times:
-                t0 = time.perf_counter()
-                csr_matmul(csr, X, backend=name)
-                times[name].append(time.perf_counter() - t0)
-        _autotuned[key] = min(times, key=lambda name: (float(np.median(times[name])), name != "numba"))
+    if key not in _autotuned:  # interleaved medians, so a noisy moment hits both; a tie goes to ours
+        median = compare({name: lambda name=name: csr_matmul(csr, X, backend=name) for name in ("numba", "mkl")},
+                         repeats=AUTOTUNE_REPEATS, warmup=0)["median_s"]
+        _autotuned[key] = min(median, key=lambda name: (median[name], name != "numba"))
     return _autotuned[key]
 
 
