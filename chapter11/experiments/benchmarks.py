@@ -85,7 +85,8 @@ def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(
 
     def masked_fill_step(model):
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-        pairs = [(p, masks_of(model)[n]) for n, p in model.named_parameters() if n in masks]
+        held = masks_of(model)
+        pairs = [(p, held[n]) for n, p in model.named_parameters() if n in masks]
 
         def step():
             opt.zero_grad()
