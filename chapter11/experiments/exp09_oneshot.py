@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..bench import time_callable
 from ..masks import refuse_torch_prune
 from ..oneshot import METHODS, PruneResult, calibration_sequences, prune_llm
 from ..train import perplexity
@@ -151,17 +152,15 @@ def bench_prune_llm(model: nn.Module, calibration: torch.Tensor, methods: Sequen
     model.eval()
 
     @torch.no_grad()
+    def forward():
+        for x in calibration.split(batch_size):
+            model(input_ids=x, use_cache=False)
+
     def forward_s() -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for x in calibration.split(batch_size):
-                model(input_ids=x, use_cache=False)
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
+        return time_callable(forward, repeats=repeats, warmup=0)["median_s"]
 
     try:
-        forward_s()  # warm-up
+        forward()  # warm-up
         before = forward_s()
         rows = {}
         for method in methods:
