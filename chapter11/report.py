@@ -268,36 +268,87 @@ def _commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return head + ("+uncommitted changes" if dirty else "")
+    return head + (DIRTY if dirty else "")
 
 
-def save_full_run(name: str, results: dict, settings: dict, command: str, seconds: float, folder: str | os.PathLike | None = None) -> Path:
+DIRTY = "+uncommitted changes"
+FORCE_DIRTY_ENV = "CH11_RECORD_DIRTY"
+UNCOMMITTED_RUNS = FULL_RUNS.parent.parent / "build" / "uncommitted_runs"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def save_full_run(name: str, results: dict, settings: dict, command: str, seconds: float,
+                  folder: str | os.PathLike | None = None, force: bool | None = None) -> Path:
     """Write a recorded full run (`CH11_FULL=1`) to `benchmarks/full/<name>.json`.
 
     The file holds the date (UTC), the machine (`machine_info`),
-    the commit, the exact `command`, the `settings` the run used, its wall
-    time in `seconds` and the `results`; notebooks load it with
-    `load_full_run(name)` and label what they plot from it as recorded.
+    the full commit, the exact `command`, the `settings` the run used, its
+    wall time in `seconds` and the `results`; notebooks load it with
+    `load_full_run(name)` and print `provenance(record)` above what they plot.
+
+    A record under `benchmarks/` must come from a clean commit: with
+    uncommitted changes the run is written to `build/uncommitted_runs/`
+    instead (nothing is lost, nothing is loaded from there) and a warning
+    says so, unless `force=True` or `CH11_RECORD_DIRTY=1`, in which case the
+    record lands where asked and its commit reads `<sha>+uncommitted changes
+    (forced)`, which `provenance` prints whole.
     """
     import datetime
+    import warnings
 
     if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
         raise ValueError(f"name must be a plain file stem, got {name!r}")
     for arg, value in (("results", results), ("settings", settings)):
         if not isinstance(value, dict):
             raise TypeError(f"{arg} must be a dict, got {type(value).__name__}")
+    if force is None:
+        force = os.environ.get(FORCE_DIRTY_ENV, "") == "1"
+    target = Path(folder or FULL_RUNS)
+    commit = _commit()
+    if commit.endswith(DIRTY):
+        if force:
+            commit += " (forced)"
+        elif _inside(target, FULL_RUNS.parent):
+            warnings.warn(f"{name}: the working tree has uncommitted changes, so this run is not written to {target} "
+                          f"but to {UNCOMMITTED_RUNS}; commit and run again for a record under benchmarks/, "
+                          f"or set {FORCE_DIRTY_ENV}=1 to record it anyway (the record then says so)", stacklevel=2)
+            target = UNCOMMITTED_RUNS
     payload = {
         "name": name,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
-        "commit": _commit(),
+        "commit": commit,
         "command": command,
         "settings": settings,
         "seconds": round(float(seconds), 1),
         "results": results,
     }
     text = json.dumps(payload, indent=2, sort_keys=True, allow_nan=False)
-    return atomic_write_text(text + "\n", Path(folder or FULL_RUNS) / f"{name}.json")
+    return atomic_write_text(text + "\n", target / f"{name}.json")
+
+
+def provenance(record: dict) -> str:
+    """The whole provenance line of a recorded run: RECORDED, date, machine, full commit, command, minutes.
+
+    A commit recorded from a dirty tree keeps its `+uncommitted changes`
+    suffix (and `(forced)`) in the line; nothing is shortened.
+
+    >>> print(provenance({"date": "2026-12-04 03:00 UTC", "machine": {"cpu": "AMD EPYC", "cores": 2, "torch": "2.14.1"},
+    ...                   "commit": "0123456789abcdef0123456789abcdef01234567", "command": "python -m x", "seconds": 90.0}))
+    RECORDED (not computed here) 2026-12-04 03:00 UTC on AMD EPYC, 2 cores, torch 2.14.1; commit 0123456789abcdef0123456789abcdef01234567; command: python -m x; 1.5 min
+    """
+    machine = record.get("machine", {})
+    if isinstance(machine, dict):
+        machine = f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, torch {machine.get('torch', '?')}"
+    return (f"RECORDED (not computed here) {record.get('date', '?')} on {machine}; commit {record.get('commit', '?')}; "
+            f"command: {record.get('command', '?')}; {float(record.get('seconds', 0)) / 60:.1f} min")
 
 
 def load_full_run(name: str, folder: str | os.PathLike | None = None) -> dict:

@@ -5,6 +5,7 @@ csr and report; each failed on the code before the fix.
 """
 
 import copy
+import json
 import math
 import os
 import time
@@ -544,3 +545,30 @@ def test_masks_stay_ours_through_remove_channels_and_load_pruned(tmp_path):
     with pytest.warns(UserWarning, match="had replaced our mask"):
         from_torch_prune(loaded)
     assert int((fc.weight_mask == 0).sum()) >= zeros_before
+
+
+def test_a_dirty_tree_does_not_record_into_benchmarks_but_loses_nothing(tmp_path, monkeypatch):
+    from chapter11 import report
+
+    full = tmp_path / "benchmarks" / "full"
+    monkeypatch.setattr(report, "FULL_RUNS", full)
+    monkeypatch.setattr(report, "UNCOMMITTED_RUNS", tmp_path / "build" / "uncommitted_runs")
+    monkeypatch.setattr(report, "_commit", lambda: "a" * 40 + report.DIRTY)
+    monkeypatch.delenv(report.FORCE_DIRTY_ENV, raising=False)
+    with pytest.warns(UserWarning, match="uncommitted changes"):
+        path = report.save_full_run("r", {"x": 1}, {}, "cmd", 1.0)
+    assert path == tmp_path / "build" / "uncommitted_runs" / "r.json" and not (full / "r.json").exists()
+    assert json.loads(path.read_text())["results"] == {"x": 1}
+    forced = report.save_full_run("r", {"x": 2}, {}, "cmd", 1.0, force=True)
+    assert forced == full / "r.json"
+    record = report.load_full_run("r")
+    assert record["commit"] == "a" * 40 + "+uncommitted changes (forced)"
+    assert "a" * 40 + "+uncommitted changes (forced)" in report.provenance(record)
+    monkeypatch.setenv(report.FORCE_DIRTY_ENV, "1")
+    assert report.save_full_run("r", {"x": 3}, {}, "cmd", 1.0) == full / "r.json"
+    elsewhere = tmp_path / "mine"  # a record written outside benchmarks/ is the user's own: written where asked
+    monkeypatch.delenv(report.FORCE_DIRTY_ENV)
+    assert report.save_full_run("r", {"x": 4}, {}, "cmd", 1.0, folder=elsewhere) == elsewhere / "r.json"
+    monkeypatch.setattr(report, "_commit", lambda: "b" * 40)
+    clean = report.load_full_run(report.save_full_run("c", {}, {}, "cmd", 1.0).stem)
+    assert clean["commit"] == "b" * 40 and "b" * 40 + ";" in report.provenance(clean)
