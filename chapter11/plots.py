@@ -4,7 +4,13 @@ Each helper draws on `ax` (a new figure when `ax` is None) and returns the
 axes, so notebooks can compose panels. They only draw: no computation that a
 reader would need to trust happens here.
 
-But: no styling beyond labels, titles and legends; no interactive backends.
+`Explorer` puts knobs (ipywidgets sliders and menus) on a view of results
+already computed or recorded: moving one redraws, it never trains. Without
+ipywidgets, or outside a Jupyter kernel, it draws one static figure and says
+so.
+
+But: no styling beyond labels, titles and legends; no interactive backends
+beyond ipywidgets' own.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-__all__ = ["weight_histogram", "sparsity_bars", "metric_vs_sparsity", "curves_with_bands", "reliability_diagram", "mask_image"]
+__all__ = ["weight_histogram", "sparsity_bars", "metric_vs_sparsity", "curves_with_bands", "reliability_diagram", "mask_image",
+           "Explorer"]
 
 
 def _axes(ax, figsize=(6, 4)):
@@ -171,3 +178,160 @@ def mask_image(mask: torch.Tensor, ax=None, title: str = "Mask (dark = kept)"):
     ax.set_ylabel("output index")
     ax.set_title(title)
     return ax
+
+
+# --------------------------------------------------------------------------- explorers
+
+
+def _in_kernel() -> bool:
+    """True inside a Jupyter kernel (a front end can show widgets), False in a script or a terminal IPython."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def _label(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+class Explorer:
+    """Knobs over results that are already computed: `view(**values)` returns (figure or None, text).
+
+    `controls` maps each knob's name to its options, in order (the first is
+    the default unless `values` says otherwise). Numbers get a slider,
+    strings a row of buttons (a menu above four options). Every change
+    calls `view` once and replaces the figure and the text under the knobs;
+    `view` must only read what the notebook or a recorded run already holds,
+    so an answer takes well under a second.
+
+    `set(**values)` moves knobs from code, as a student would by hand, and
+    returns the text now shown: the notebooks and the tests drive explorers
+    that way. Shown in a Jupyter kernel, an explorer is a widget; without
+    ipywidgets, or outside a kernel (`show()` from a script), it draws the
+    current values once and prints a line saying it is static.
+
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> e = Explorer(lambda n, kind: (None, f"{kind} {n * n}"), {"n": [1, 2, 3], "kind": ["square", "area"]})
+    >>> e.set(n=3)
+    'square 9'
+    >>> e.set(kind="cube")
+    Traceback (most recent call last):
+    ...
+    ValueError: kind: 'cube' is not one of the explorer's options ['square', 'area']
+    """
+
+    def __init__(self, view, controls: Mapping[str, Sequence], values: Mapping | None = None, title: str = ""):
+        if not callable(view):
+            raise TypeError(f"view must be callable, got {type(view).__name__}")
+        if not isinstance(controls, Mapping) or not controls:
+            raise ValueError("controls: give at least one knob, as {name: [option, ...]}")
+        self.controls = {}
+        for name, options in controls.items():
+            options = list(options)
+            if not options:
+                raise ValueError(f"controls: {name!r} has no options")
+            self.controls[name] = options
+        self.view, self.title = view, title
+        self.values = {name: options[0] for name, options in self.controls.items()}
+        self.figure, self.text = None, ""
+        self._widgets, self._output, self._hold = {}, None, False
+        for name, value in (values or {}).items():
+            self._check(name, value)
+            self.values[name] = value
+        self._render()
+
+    def _check(self, name, value) -> None:
+        if name not in self.controls:
+            raise ValueError(f"{name}: unknown control; this explorer has {sorted(self.controls)}")
+        if value not in self.controls[name]:
+            raise ValueError(f"{name}: {value!r} is not one of the explorer's options {self.controls[name]}")
+
+    def _render(self) -> None:
+        import matplotlib.pyplot as plt
+
+        figure, text = self.view(**self.values)
+        self.figure, self.text = figure, str(text)
+        if self._output is not None:
+            from IPython.display import display
+
+            with self._output:
+                self._output.clear_output(wait=True)
+                if figure is not None:
+                    display(figure)
+                print(self.text)
+        if figure is not None:
+            plt.close(figure)
+
+    def set(self, **values) -> str:
+        """Move the named knobs (all at once, one redraw) and return the text now shown."""
+        for name, value in values.items():
+            self._check(name, value)
+        self._hold = True
+        try:
+            for name, value in values.items():
+                self.values[name] = value
+                if name in self._widgets:
+                    self._widgets[name].value = value
+        finally:
+            self._hold = False
+        self._render()
+        return self.text
+
+    def widget(self):
+        """The ipywidgets box (knobs above an output area), or None when ipywidgets is not installed."""
+        try:
+            import ipywidgets as widgets
+        except ImportError:
+            return None
+        knobs = []
+        for name, options in self.controls.items():
+            pairs = [(_label(o), o) for o in options]
+            if all(isinstance(o, (int, float)) and not isinstance(o, bool) for o in options):
+                knob = widgets.SelectionSlider(options=pairs, value=self.values[name], description=name, continuous_update=False)
+            elif len(options) <= 4:
+                knob = widgets.ToggleButtons(options=pairs, value=self.values[name], description=name)
+            else:
+                knob = widgets.Dropdown(options=pairs, value=self.values[name], description=name)
+            knob.observe(self._changed(name), names="value")
+            self._widgets[name] = knob
+            knobs.append(knob)
+        self._output = widgets.Output()
+        box = widgets.VBox(([widgets.HTML(f"<b>{self.title}</b>")] if self.title else []) + knobs + [self._output])
+        box.add_class("ch11-explorer")
+        self._render()
+        return box
+
+    def _changed(self, name):
+        def on_change(change):
+            self.values[name] = change["new"]
+            if not self._hold:
+                self._render()
+        return on_change
+
+    def show(self, reason: str | None = None) -> None:
+        """Draw the current values once, as a static figure, with one line saying why it is static."""
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        settings = ", ".join(f"{k}={_label(v)}" for k, v in self.values.items())
+        print(f"{reason or 'static view'}: the figure for {settings}; call .set(...) for other values")
+        figure, text = self.view(**self.values)
+        if figure is not None:
+            display(figure)
+            plt.close(figure)
+        print(text)
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        if not _in_kernel():
+            return self.show("no Jupyter front end")
+        box = self.widget()
+        if box is None:
+            return self.show("ipywidgets is not installed")
+        display(box)
