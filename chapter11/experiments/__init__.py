@@ -6,7 +6,8 @@ give it (`exp01_schedules`, `exp02_lottery`, `exp03_movement`, `exp04_heads`,
 its settings, tasks, one-seed runs, grids, the functions that record runs
 into `benchmarks/full/` and a command line
 (`python -m chapter11.experiments.exp02_lottery --help`); `benchmarks`, the
-drivers behind `python -m chapter11 bench`; and here, what every driver
+drivers behind `python -m chapter11 bench`; `explorers`, the knobs each
+notebook shows over its results (`chapter11.plots.Explorer`); and here, what every driver
 repeats: the seeds of a recorded run (`seeds_from_command_line`) and the
 append-only JSON-lines logs that make long grids resumable (`append_jsonl`,
 `read_jsonl`). Recording a run and loading it back are
