@@ -257,13 +257,20 @@ class Explorer:
         figure, text = self.view(**self.values)
         self.figure, self.text = figure, str(text)
         if self._output is not None:
-            from IPython.display import display
+            # One assignment of the output area's state: no `with output:` capture, which depends on the front end
+            # (or nbclient) routing messages by id, and no flicker between clearing and drawing.
+            outputs = []
+            if figure is not None:
+                import base64
+                import io
 
-            with self._output:
-                self._output.clear_output(wait=True)
-                if figure is not None:
-                    display(figure)
-                print(self.text)
+                buffer = io.BytesIO()
+                figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+                outputs.append({"output_type": "display_data", "metadata": {},
+                                "data": {"image/png": base64.b64encode(buffer.getvalue()).decode("ascii"),
+                                         "text/plain": f"<figure: {self.text.splitlines()[0][:60]}>"}})
+            outputs.append({"output_type": "stream", "name": "stdout", "text": self.text + "\n"})
+            self._output.outputs = tuple(outputs)
         if figure is not None:
             plt.close(figure)
 

@@ -147,6 +147,9 @@ def test_widget_knobs_and_set_move_together():
     assert e.values["pattern"] == "2:4" and e.text.startswith("wanda 2:4")
     e.set(method="sparsegpt")
     assert knobs["method"].value == "sparsegpt" and e.text.startswith("sparsegpt 2:4")
+    area = box.children[-1].outputs  # what the page shows under the knobs: the figure, then the text
+    assert [o["output_type"] for o in area] == ["display_data", "stream"] and area[1]["text"] == e.text + "\n"
+    assert area[0]["data"]["image/png"].startswith("iVBOR")  # a PNG, base64
 
 
 def test_without_ipywidgets_or_a_front_end_it_is_static(monkeypatch, capsys):
