@@ -291,7 +291,9 @@ def save_full_run(name: str, results: dict, settings: dict, command: str, second
     The file holds the date (UTC), the machine (`machine_info`),
     the full commit, the exact `command`, the `settings` the run used, its
     wall time in `seconds` and the `results`; notebooks load it with
-    `load_full_run(name)` and print `provenance(record)` above what they plot.
+    `load_full_run(name)`; `provenance(record)` is the line to print above
+    what they plot (notebooks 02, 03, 06 and 09 still print a shortened
+    commit until they are next re-run).
 
     A record under `benchmarks/` must come from a clean commit: with
     uncommitted changes the run is written to `build/uncommitted_runs/`
