@@ -202,7 +202,7 @@ def structured_llm_explorer(record: Mapping | None = None) -> Explorer:
     record = record or load_full_run("04_llm_structured")
     res = record["results"]
     configs = list(record["settings"]["configs"])
-    kinds = sorted({_kind_and_amount(c)[0] for c in configs}, key=lambda k: [_kind_and_amount(c)[0] for c in configs].index(k))
+    kinds = list(dict.fromkeys(_kind_and_amount(c)[0] for c in configs))  # in the record's order, once each
     amounts = {k: [_kind_and_amount(c)[1] for c in configs if _kind_and_amount(c)[0] == k] for k in kinds}
     params = {c: res["removed_params"][c] for c in configs}
 
