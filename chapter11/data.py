@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 __all__ = [
     "Split",
@@ -168,7 +168,24 @@ def eval_loader(X: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> Data
     _check_positive(batch_size, "batch_size")
     if len(X) != len(y):
         raise ValueError(f"X and y must have the same length, got {len(X)} and {len(y)}")
-    return DataLoader(TensorDataset(X, y), batch_size=batch_size, shuffle=False)
+    return _indexed_loader(TensorDataset(X, y), batch_size)
+
+
+def _indexed_loader(data: TensorDataset, batch_size: int, generator: torch.Generator | None = None) -> DataLoader:
+    """A DataLoader whose batches are `X[indices]`: one indexing operation each instead of `batch_size` lookups and a stack.
+
+    The batches are bit for bit the ones `DataLoader(data, batch_size,
+    shuffle=generator is not None, generator=generator)` gives, epoch after
+    epoch: the same sampler draws the same order from the same generator, and
+    the loader draws its per-epoch seed from it first, as torch's does. Only
+    the fetch differs. For the small MNIST-1D models that fetch was about a
+    third of a fine-tuning step; 400 steps of notebook 01 ran 1.31x faster (medians of
+    interleaved runs, AMD EPYC) with identical weights, and
+    `tests/test_core.py::test_loaders_give_torchs_shuffled_batches_bit_for_bit`
+    checks the batches.
+    """
+    order = SequentialSampler(data) if generator is None else RandomSampler(data, generator=generator)
+    return DataLoader(data, batch_size=None, sampler=BatchSampler(order, batch_size, drop_last=False), generator=generator)
 
 
 def validation_loader(split: Split, batch_size: int = 512) -> DataLoader:
@@ -181,12 +198,7 @@ def validation_loader(split: Split, batch_size: int = 512) -> DataLoader:
 def loaders(split: Split, batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, DataLoader]:
     """(train_loader, test_loader); training order is shuffled with `seed`."""
     _check_positive(batch_size, "batch_size")
-    train = DataLoader(
-        TensorDataset(split.X_train, split.y_train),
-        batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    train = _indexed_loader(TensorDataset(split.X_train, split.y_train), batch_size, torch.Generator().manual_seed(seed))
     return train, eval_loader(split.X_test, split.y_test)
 
 

@@ -55,6 +55,25 @@ def test_python_text_and_byte_tokenizer():
     assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
 
 
+def test_loaders_give_torchs_shuffled_batches_bit_for_bit():
+    """data.loaders indexes whole batches; the batches and their order must be the ones torch's DataLoader(shuffle=True) gives."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    split = mnist1d(num_samples=600, seed=1)
+    for batch_size, seed in ((1, 0), (7, 3), (128, 101), (10_000, 5)):
+        ours, test = loaders(split, batch_size=batch_size, seed=seed)
+        torchs = DataLoader(TensorDataset(split.X_train, split.y_train), batch_size=batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed))
+        assert len(ours) == len(torchs)
+        for _ in range(3):  # a new order each epoch, drawn from the same generator in the same way
+            got, want = list(ours), list(torchs)
+            assert len(got) == len(want) and isinstance(got[0], list)
+            for (x, y), (xt, yt) in zip(got, want):
+                assert torch.equal(x, xt) and torch.equal(y, yt) and x.dtype == xt.dtype and y.dtype == yt.dtype
+        in_order = DataLoader(TensorDataset(split.X_test, split.y_test), batch_size=512)
+        assert all(torch.equal(x, xt) and torch.equal(y, yt) for (x, y), (xt, yt) in zip(test, in_order, strict=True))
+
+
 @pytest.mark.parametrize(
     "model, x",
     [
