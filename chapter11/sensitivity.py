@@ -14,7 +14,9 @@ checks it by pruning with the chosen sparsities and measuring.
 
 Covers: `sensitivity_scan` (with the result's `drops`), `allocate_sparsity`
 (exhaustive search over the grid, `_loop` twin in plain loops and a
-vectorised numpy twin), `prune_with_allocation`, `plot_sensitivity`.
+vectorised numpy twin), `match_budget` (a grid allocation usually overshoots
+the budget; this scales it back so that it removes exactly the budget),
+`prune_with_allocation`, `plot_sensitivity`.
 
 But: the exhaustive search grows as len(grid) ** layers, so it is meant for
 a handful of layers (it refuses more than ~5 million combinations); there is
@@ -43,6 +45,7 @@ __all__ = [
     "allocate_sparsity",
     "prune_with_allocation",
     "allocation_sparsity",
+    "match_budget",
     "plot_sensitivity",
     "MAX_COMBINATIONS",
 ]
@@ -226,7 +229,7 @@ def prune_with_allocation(model: nn.Module, allocation: Mapping[str, float]) -> 
 
 
 def plot_sensitivity(result: SensitivityResult, ax=None, allocation: Mapping[str, float] | None = None, ylabel: str = "test accuracy", title: str = "Sensitivity: one layer pruned at a time"):
-    """One curve per layer (metric vs sparsity %); marks the `allocation` if given."""
+    """One curve per layer (metric vs sparsity %); marks the `allocation` if given (off-grid values on the line between grid points)."""
     import matplotlib.pyplot as plt
 
     if not isinstance(result, SensitivityResult):
@@ -237,8 +240,9 @@ def plot_sensitivity(result: SensitivityResult, ax=None, allocation: Mapping[str
     for name, values in result.metrics.items():
         (line,) = ax.plot(xs, values, marker="o", label=f"{name} ({result.sizes[name]:,} weights)")
         if allocation is not None and name in allocation:
-            j = result.sparsities.index(allocation[name])
-            ax.plot([xs[j]], [values[j]], marker="*", markersize=16, color=line.get_color(), linestyle="none")
+            # a grid value sits on its point; a matched one (`match_budget`) between two, read off the line
+            s = allocation[name]
+            ax.plot([100 * s], [float(np.interp(s, result.sparsities, values))], marker="*", markersize=16, color=line.get_color(), linestyle="none")
     ax.axhline(result.baseline, color="gray", linestyle="--", label="dense")
     ax.set_xlabel("sparsity of that layer (%)")
     ax.set_ylabel(ylabel)
@@ -259,3 +263,45 @@ def allocation_sparsity(result: SensitivityResult, allocation: Mapping[str, floa
     if total == 0 or math.isnan(total):
         raise ValueError("allocation: names no scanned layer")
     return sum(result.sizes[n] * s for n, s in allocation.items()) / total
+
+
+def match_budget(result: SensitivityResult, allocation: Mapping[str, float], budget: float) -> dict[str, float]:
+    """Scale an allocation so that it removes exactly `round(budget * N)` weights, keeping its shape.
+
+    A grid allocation only guarantees `sum_l n_l s_l >= budget * N`, and with
+    a coarse grid it can remove several points more than the budget, which
+    would compare a sparser model with a denser one. Every layer's count of
+    removed weights is multiplied by the same factor `budget * N / removed`
+    and rounded down, and the weights still missing go one each to the
+    layers with the largest rounding remainders (ties: the larger layer). So
+    a layer the allocation spared stays spared, and a layer it cut hardest
+    is still cut hardest. The result is per-layer sparsities `k_l / n_l`
+    with `sum_l k_l = round(budget * N)`.
+
+    >>> r = SensitivityResult([0.0, 0.5, 0.9], 1.0, {"a": [1, 1, 1], "b": [1, 1, 1]}, {"a": 100, "b": 100})
+    >>> allocation_sparsity(r, {"a": 0.5, "b": 0.9})
+    0.7
+    >>> m = match_budget(r, {"a": 0.5, "b": 0.9}, 0.6)
+    >>> m, allocation_sparsity(r, m)
+    ({'a': 0.43, 'b': 0.77}, 0.6)
+    """
+    budget = check_sparsity(budget, "budget")
+    if not isinstance(allocation, Mapping) or not allocation:
+        raise ValueError("allocation: must map at least one scanned layer to its sparsity")
+    unknown = [n for n in allocation if n not in result.sizes]
+    if unknown:
+        raise ValueError(f"allocation: {unknown[0]!r} is not a scanned layer; choose from {sorted(result.sizes)}")
+    sizes = {n: int(result.sizes[n]) for n in allocation}
+    removed = {n: round(check_sparsity(s, f"allocation[{n!r}] sparsity") * sizes[n]) for n, s in allocation.items()}
+    want = round(budget * sum(sizes.values()))
+    have = sum(removed.values())
+    if have < want:
+        raise ValueError(f"allocation removes {have} weights, fewer than the budget's {want}: it cannot be scaled up without a new search")
+    if have == 0:
+        return {n: 0.0 for n in allocation}
+    exact = {n: k * want / have for n, k in removed.items()}
+    counts = {n: math.floor(x) for n, x in exact.items()}
+    missing = want - sum(counts.values())
+    for n in sorted(exact, key=lambda n: (-(exact[n] - counts[n]), -sizes[n], n))[:missing]:
+        counts[n] += 1
+    return {n: counts[n] / sizes[n] for n in allocation}

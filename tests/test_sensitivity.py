@@ -134,3 +134,25 @@ def test_plot_sensitivity():
     import matplotlib.pyplot as plt
 
     plt.close(ax.figure)
+
+
+def test_match_budget_removes_exactly_the_budget_and_keeps_the_shape():
+    from chapter11.masks import masks_of
+    from chapter11.models import LeNet300100
+    from chapter11.sensitivity import SensitivityResult, allocation_sparsity, match_budget, prune_with_allocation
+
+    torch.manual_seed(0)
+    model = LeNet300100(in_features=40)
+    sizes = {n: p.numel() for n, p in model.named_parameters() if p.dim() > 1}
+    result = SensitivityResult([0.0, 0.5, 0.95, 0.98], 1.0, {n: [1.0] * 4 for n in sizes}, sizes)
+    grid_pick = {"fc1.weight": 0.5, "fc2.weight": 0.98, "fc3.weight": 0.0}          # what the grid gave seed 1 in notebook 01
+    assert allocation_sparsity(result, grid_pick) > 0.82
+    exact = match_budget(result, grid_pick, 0.8)
+    assert exact["fc3.weight"] == 0.0 and exact["fc2.weight"] > exact["fc1.weight"] > 0
+    prune_with_allocation(model, exact)
+    removed = sum(int((m == 0).sum()) for m in masks_of(model).values())
+    assert removed == round(0.8 * sum(sizes.values()))
+    with pytest.raises(ValueError, match="fewer than the budget"):
+        match_budget(result, {"fc1.weight": 0.5, "fc2.weight": 0.5, "fc3.weight": 0.0}, 0.8)
+    with pytest.raises(ValueError, match="allocation: 'nope'"):
+        match_budget(result, {"nope": 0.5}, 0.8)
