@@ -35,3 +35,29 @@ def test_driver_settings_are_the_notebooks():
                  f"FINAL, STAGES = 0.8, {s['stages']}", f"MAX_EPOCHS, PATIENCE = {s['max_epochs']}, {s['patience']}",
                  "LR, BATCH = 2e-3, 128", "loaders(split, batch_size=BATCH, seed=100 + seed)"):
         assert text in source, text
+
+
+def test_budget_run_resumes_from_its_log(tmp_path):
+    """A tiny budget sweep: every method gets the same steps, each (seed, budget) is logged once and not redone."""
+    log = tmp_path / "budget.jsonl"
+    res = exp01_schedules.budget_run(seeds=[0], budgets=[10, 20], targets=[0.9], log=log, save=False)
+    assert set(res["test_accuracy"]) == {f"{m} 0.9 {b}" for m in ("one-shot", "iterative", "cubic") for b in (10, 20)} | {"dense 10", "dense 20"}
+    lines = log.read_text().splitlines()
+    assert [json.loads(x)["steps"] for x in lines] == [10, 20]
+    assert all(r["steps"] == json.loads(x)["steps"] for x in lines for r in json.loads(x)["rows"])
+    again = exp01_schedules.budget_run(seeds=[0], budgets=[10, 20], targets=[0.9], log=log, save=False)
+    assert again == res and log.read_text().splitlines() == lines      # read back, nothing retrained
+
+
+def test_budget_record_is_clean_complete_and_carries_the_notebooks_claims():
+    rec = exp01_schedules.load_budget_sweep()
+    assert "uncommitted" not in rec["commit"] and len(rec["commit"]) == 40
+    s, res = rec["settings"], rec["results"]
+    assert len(s["seeds"]) >= 8 and s["budgets"] == exp01_schedules.BUDGETS and s["targets"] == exp01_schedules.BUDGET_TARGETS
+    assert {k: s[k] for k in exp01_schedules.SETTINGS} == exp01_schedules.SETTINGS
+    keys = {f"{m} {t} {b}" for m in ("one-shot", "iterative", "cubic") for t in s["targets"] for b in s["budgets"]} | {f"dense {b}" for b in s["budgets"]}
+    for metric in ("test_accuracy", "val_accuracy"):
+        assert set(res[metric]) == keys and all(len(v) == len(s["seeds"]) and all(0.1 < x < 1 for x in v) for v in res[metric].values())
+    d = exp01_schedules.budget_differences(rec)
+    assert d["iterative", 0.9, 400].high < 0 < d["iterative", 0.9, 4000].high
+    assert all(d["cubic", t, b].mean > 0 for t in s["targets"] for b in s["budgets"])
