@@ -175,3 +175,26 @@ def test_every_answer_comes_within_a_second(make):
         e.set(**{name: value})
         cpu.append(time.process_time() - start)
     assert sorted(cpu)[len(cpu) // 2] < 1.0, cpu  # median CPU seconds per redraw, figure included
+
+
+EXPLORER_OF = {"01": "schedules_explorer", "02": "lottery_explorer", "03": "movement_explorer", "04": "structured_llm_explorer",
+               "05": "onnx_explorer", "06": "dynamic_explorer", "07": "channels_explorer", "08": "csr_explorer", "09": "oneshot_explorer"}
+
+
+@pytest.mark.parametrize("number", sorted(EXPLORER_OF))
+def test_every_experiment_notebook_shows_its_explorer_and_drives_it(number):
+    """Issue 29's rule: each of 01-09 shows its explorer after its main result, and the next cell moves its knobs from code.
+
+    nbval runs that driving cell in the kernel; its text is compared (recorded explorers) or asserted against the
+    notebook's own numbers (live ones), so a broken explorer fails the notebook.
+    """
+    (path,) = (Path(__file__).resolve().parent.parent / "notebooks").glob(f"{number}_*.ipynb")
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    sources = ["".join(c["source"]) for c in cells]
+    shown = [i for i, s in enumerate(sources) if f"import {EXPLORER_OF[number]}" in s]
+    assert len(shown) == 1, f"{path.name}: expected one cell that imports {EXPLORER_OF[number]}, found {len(shown)}"
+    view = sources[shown[0]].strip().splitlines()[-1].strip()  # the cell ends by displaying the explorer
+    assert view.isidentifier(), f"{path.name}: the explorer cell should end with the explorer's name, got {view!r}"
+    driving = sources[shown[0] + 1]
+    assert f"{view}.set(" in driving and "print(" in driving, f"{path.name}: the cell after the explorer should move it with {view}.set(...)"
+    assert shown[0] > 0, f"{path.name}: the explorer should follow a result, not open the notebook"
