@@ -227,7 +227,13 @@ def _cpu_model() -> str:
 
 
 def machine_info() -> dict[str, str | int]:
-    """CPU model, cores, torch threads, library versions and the GPU, if any."""
+    """CPU model, torch's CPU kernels, cores, torch threads, library versions and the GPU, if any.
+
+    `cpu_kernels` is the instruction set torch's kernels were dispatched for
+    (`AVX2`, `AVX512`, ...; `ATEN_CPU_CAPABILITY` lowers it). Two machines
+    sold as "AMD EPYC" can differ here, and timings and the last digits of
+    trained numbers differ with it.
+    """
     import platform
 
     import numpy
@@ -235,6 +241,7 @@ def machine_info() -> dict[str, str | int]:
 
     info: dict[str, str | int] = {
         "cpu": _cpu_model(),
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count() or 0,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -167,6 +167,7 @@ def test_record_writes_json_atomically(tmp_path, monkeypatch):
 def test_bench_harness_medians_and_ratios():
     info = machine_info()
     assert info["cores"] >= 1 and "torch" in info
+    assert info["cpu_kernels"] in {"DEFAULT", "NO AVX", "VSX", "Z VECTOR", "SVE256", "AVX2", "AVX512"}, info["cpu_kernels"]
     assert time_callable(lambda: None, repeats=3, warmup=0)["median_s"] >= 0
     result = compare({"a": lambda: sum(range(1000)), "b": lambda: sum(range(100))}, repeats=5, warmup=1)
     assert result["ratio"]["a"] == 1.0 and set(result["median_s"]) == {"a", "b"}
@@ -316,3 +317,12 @@ def test_seeds_line_is_sanitised_for_nbval():
     cfg.read(Path(__file__).with_name("nbval_sanitize.cfg"))
     pattern = cfg["seed-offset"]["regex"]
     assert re.sub(pattern, "SEEDS", seeds_line([0, 1, 2], offset=0)) == re.sub(pattern, "SEEDS", seeds_line([1000, 1001, 1002], offset=1000)) == "SEEDS"
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in {"AVX2", "AVX512"}, reason="needs an x86-64 CPU with AVX2")
+def test_machine_info_names_the_kernels_torch_dispatches_to():
+    """The re-draw pass lowers the kernels with ATEN_CPU_CAPABILITY=avx2; a record made that way must say so."""
+    code = "from chapter11.report import machine_info; print(machine_info()['cpu_kernels'])"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "AVX2"
