@@ -158,6 +158,8 @@ def benchmark(
                     rows.append(
                         {"impl": impl, "sparsity": s, "batch": batch, "median_s": t, "speedup_vs_dense": best_dense / t, "traffic_limit": limit}
                         | ({"backend": chosen} if impl == "chapter11" else {})
+                        # the path auto passed over, timed in the same rounds, so "was auto's choice the faster?" is in the record
+                        | ({"other_backend": other, "other_speedup_vs_dense": best_dense / med[other]} if impl == "chapter11" and mkl else {})
                     )
                 if verbose:
                     line = "  ".join(f"{k} {best_dense / med[k]:5.2f}x" for k in candidates if not k.endswith("_dense"))
