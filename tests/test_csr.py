@@ -374,9 +374,13 @@ def test_benchmark_rows_and_crossover(tmp_path):
     assert len(rows) == 2 * 2 * 4
     assert {r["impl"] for r in rows} == {"dense", "chapter11", "scipy", "torch_sparse"}
     for r in rows:
-        assert set(r) == {"impl", "sparsity", "batch", "median_s", "speedup_vs_dense", "traffic_limit"} | ({"backend"} if r["impl"] == "chapter11" else set())
+        mkl = torch.backends.mkl.is_available()
+        ours = {"backend"} | ({"other_backend", "other_speedup_vs_dense"} if mkl else set())
+        assert set(r) == {"impl", "sparsity", "batch", "median_s", "speedup_vs_dense", "traffic_limit"} | (ours if r["impl"] == "chapter11" else set())
         if r["impl"] == "chapter11":  # small products: the static rule, batch 1 ours and narrow batches MKL (where torch has it)
-            assert r["backend"] == ("numba" if r["batch"] == 1 or not torch.backends.mkl.is_available() else "mkl")
+            assert r["backend"] == ("numba" if r["batch"] == 1 or not mkl else "mkl")
+            if mkl:  # the path auto passed over, timed beside it
+                assert {r["backend"], r["other_backend"]} == {"numba", "mkl"} and r["other_speedup_vs_dense"] > 0
         assert r["median_s"] > 0
         if r["impl"] == "dense":
             assert r["speedup_vs_dense"] == 1.0
