@@ -8,7 +8,8 @@ into `benchmarks/full/` and a command line
 (`python -m chapter11.experiments.exp02_lottery --help`); `benchmarks`, the
 drivers behind `python -m chapter11 bench`; `explorers`, the knobs each
 notebook shows over its results (`chapter11.plots.Explorer`); and here, what every driver
-repeats: the seeds of a recorded run (`seeds_from_command_line`) and the
+repeats: the seeds of a recorded run (`seeds_from_command_line`, or
+`driver_arguments` with a driver's own switches) and the
 append-only JSON-lines logs that make long grids resumable (`append_jsonl`,
 `read_jsonl`). Recording a run and loading it back are
 `chapter11.report.save_full_run` / `load_full_run` (the core: notebooks
@@ -28,9 +29,38 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 MIN_RECORDED_SEEDS = 8  # fewer seeds do not settle a comparison that three live seeds could not
+
+
+def driver_arguments(doc: str, default: int, argv=None, flags: Mapping[str, tuple[str, int]] | None = None):
+    """A driver's command line: `--seeds N` as seeds 0..N-1 (at least 8), plus on/off `flags`.
+
+    `flags` maps each flag to (its help, the default number of seeds when it
+    is given): a flag that switches to another run may need another count.
+    Returns the parsed namespace, with `seeds` as a list.
+
+    >>> args = driver_arguments("Demo.", 12, ["--other"], {"--other": ("the other run", 9)})
+    >>> args.other, len(args.seeds)
+    (True, 9)
+    """
+    import argparse
+
+    flags = dict(flags or {})
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    given = "".join(f", {n} with {f}" for f, (_, n) in flags.items())
+    parser.add_argument("--seeds", type=int, default=None, help=f"number of seeds, from 0 (default {default}{given})")
+    for flag, (text, _) in flags.items():
+        parser.add_argument(flag, action="store_true", help=text)
+    args = parser.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = next((n for f, (_, n) in flags.items() if getattr(args, f.lstrip("-").replace("-", "_"))), default)
+    if args.seeds < MIN_RECORDED_SEEDS:
+        parser.error(f"--seeds must be at least {MIN_RECORDED_SEEDS}: fewer do not settle the comparison")
+    args.seeds = list(range(args.seeds))
+    return args
 
 
 def seeds_from_command_line(doc: str, default: int, argv=None) -> list[int]:
@@ -39,14 +69,7 @@ def seeds_from_command_line(doc: str, default: int, argv=None) -> list[int]:
     >>> seeds_from_command_line("Demo.", 12, ["--seeds", "9"])
     [0, 1, 2, 3, 4, 5, 6, 7, 8]
     """
-    import argparse
-
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=default, help=f"number of seeds, from 0 (default {default})")
-    args = parser.parse_args(argv)
-    if args.seeds < MIN_RECORDED_SEEDS:
-        parser.error(f"--seeds must be at least {MIN_RECORDED_SEEDS}: fewer do not settle the comparison")
-    return list(range(args.seeds))
+    return driver_arguments(doc, default, argv).seeds
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

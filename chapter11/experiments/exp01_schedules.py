@@ -26,7 +26,6 @@ fine-tuning steps for every method and for the dense reference.
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import append_jsonl, read_jsonl, seeds_from_command_line
+from . import append_jsonl, driver_arguments, read_jsonl
 from ..data import loaders, mnist1d, validation_loader, with_validation
 from ..lottery import random_masks
 from ..magnitude import global_magnitude_masks, layerwise_magnitude_masks, masks_sparsity
@@ -104,9 +103,10 @@ BUDGET_RUN_NAME = "01_budget_sweep"
 BUDGETS = [400, 1600, 4000]
 BUDGET_TARGETS = [0.9, 0.95, 0.98]
 BUDGET_METHODS = ("one-shot", "iterative", "cubic", "dense")
+BUDGET_SEEDS = 8
 
 
-def budget_run(seeds=range(8), budgets=BUDGETS, targets=BUDGET_TARGETS, log: str | Path | None = None, save: bool = True) -> dict:
+def budget_run(seeds=range(BUDGET_SEEDS), budgets=BUDGETS, targets=BUDGET_TARGETS, log: str | Path | None = None, save: bool = True) -> dict:
     """Is it the budget? One-shot, iterative and cubic at 90/95/98% with 400, 1,600 and 4,000 fine-tuning steps.
 
     Notebook 01 finds the gradual schedules behind one-shot at 90-95% and
@@ -218,12 +218,8 @@ def plot_budget_sweep(record: Mapping, metric: str = "test_accuracy", axes=None)
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    budgets = "--budgets" in argv
-    if budgets:
-        argv.remove("--budgets")
-    seeds = seeds_from_command_line(__doc__, 8 if budgets else len(SEEDS), argv)
-    res = budget_run(seeds=seeds) if budgets else extreme_run(seeds=seeds)
+    args = driver_arguments(__doc__, len(SEEDS), argv, {"--budgets": ("the budget sweep (budget_run) instead of the extreme-sparsity seeds", BUDGET_SEEDS)})
+    res = budget_run(seeds=args.seeds) if args.budgets else extreme_run(seeds=args.seeds)
     for key, values in res["test_accuracy"].items():
         print(f"{key:20s} {sum(values) / len(values):.4f}")
     return 0
