@@ -255,7 +255,9 @@ def machine_info() -> dict[str, str | int]:
             info[name] = "not installed"
     info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     # thread-pool settings change timings (see chapter11.bench.QUIET_POOLS), so they are part of the record
-    env = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT", "OMP_NUM_THREADS") if k in os.environ]
+    # so are the instruction-set caps of MKL and oneDNN: with them a newer CPU reproduces an older one's numbers
+    keys = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT", "OMP_NUM_THREADS", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+    env = [f"{k}={os.environ[k]}" for k in keys if k in os.environ]
     info["thread_env"] = " ".join(env) or "defaults"
     return info
 

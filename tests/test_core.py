@@ -322,7 +322,9 @@ def test_seeds_line_is_sanitised_for_nbval():
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in {"AVX2", "AVX512"}, reason="needs an x86-64 CPU with AVX2")
 def test_machine_info_names_the_kernels_torch_dispatches_to():
     """The re-draw pass lowers the kernels with ATEN_CPU_CAPABILITY=avx2; a record made that way must say so."""
-    code = "from chapter11.report import machine_info; print(machine_info()['cpu_kernels'])"
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    code = "from chapter11.report import machine_info; m = machine_info(); print(m['cpu_kernels']); print(m['thread_env'])"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "AVX2"
+    kernels, thread_env = out.strip().splitlines()
+    assert kernels == "AVX2"
+    assert "MKL_ENABLE_INSTRUCTIONS=AVX2" in thread_env and "ONEDNN_MAX_CPU_ISA=AVX2" in thread_env
