@@ -268,16 +268,30 @@ def describe_machine() -> str:
     return f"{i['cpu']}, {i['cores']} cores ({i['torch_threads']} torch threads), torch {i['torch']}, GPU: {i['gpu']}"
 
 
+def code_changes(porcelain: str) -> list[str]:
+    r"""The changed paths of `git status --porcelain` output that can change what a run computes.
+
+    Records under `benchmarks/` are what runs write, not what they run: a
+    record saved earlier in the same session must not make the next one
+    "dirty".
+
+    >>> code_changes(" M benchmarks/full/01_a.json\n M chapter11/report.py\nR  old.py -> notebooks/new.ipynb")
+    ['chapter11/report.py', 'notebooks/new.ipynb']
+    """
+    paths = [line[3:].split(" -> ")[-1].strip('"') for line in porcelain.splitlines() if line.strip()]
+    return [p for p in paths if not p.startswith("benchmarks/")]
+
+
 def _commit() -> str:
     import subprocess
 
     root = FULL_RUNS.parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return head + (DIRTY if dirty else "")
+    return head + (DIRTY if code_changes(status) else "")
 
 
 DIRTY = "+uncommitted changes"
@@ -301,11 +315,11 @@ def save_full_run(name: str, results: dict, settings: dict, command: str, second
     the full commit, the exact `command`, the `settings` the run used, its
     wall time in `seconds` and the `results`; notebooks load it with
     `load_full_run(name)`; `provenance(record)` is the line to print above
-    what they plot (notebooks 02, 03, 06 and 09 still print a shortened
-    commit until they are next re-run).
+    what they plot (notebooks 03 and 09 still print a shortened commit until
+    they are next re-run).
 
     A record under `benchmarks/` must come from a clean commit: with
-    uncommitted changes the run is written to `build/uncommitted_runs/`
+    uncommitted changes outside `benchmarks/` (`code_changes`) the run is written to `build/uncommitted_runs/`
     instead (nothing is lost, nothing is loaded from there) and a warning
     says so, unless `force=True` or `CH11_RECORD_DIRTY=1`, in which case the
     record lands where asked and its commit reads `<sha>+uncommitted changes
@@ -354,10 +368,20 @@ def provenance(record: dict) -> str:
     >>> print(provenance({"date": "2026-12-04 03:00 UTC", "machine": {"cpu": "AMD EPYC", "cores": 2, "torch": "2.14.1"},
     ...                   "commit": "0123456789abcdef0123456789abcdef01234567", "command": "python -m x", "seconds": 90.0}))
     RECORDED (not computed here) 2026-12-04 03:00 UTC on AMD EPYC, 2 cores, torch 2.14.1; commit 0123456789abcdef0123456789abcdef01234567; command: python -m x; 1.5 min
+
+    The instruction sets the kernels ran with are part of the machine:
+
+    >>> print(provenance({"machine": {"cpu": "AMD EPYC", "cpu_kernels": "AVX2", "cores": 2, "torch": "2.14.1",
+    ...                               "thread_env": "OMP_WAIT_POLICY=PASSIVE MKL_ENABLE_INSTRUCTIONS=AVX2"}}))
+    RECORDED (not computed here) ? on AMD EPYC (AVX2 kernels, MKL capped at AVX2), 2 cores, torch 2.14.1; commit ?; command: ?; 0.0 min
     """
     machine = record.get("machine", {})
     if isinstance(machine, dict):
-        machine = f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, torch {machine.get('torch', '?')}"
+        kernels = [f"{machine['cpu_kernels']} kernels"] if machine.get("cpu_kernels") else []
+        caps = {"MKL_ENABLE_INSTRUCTIONS": "MKL", "ONEDNN_MAX_CPU_ISA": "oneDNN"}
+        kernels += [f"{caps[k]} capped at {v}" for k, _, v in (e.partition("=") for e in str(machine.get("thread_env", "")).split()) if k in caps]
+        cpu = machine.get("cpu", "?") + (f" ({', '.join(kernels)})" if kernels else "")
+        machine = f"{cpu}, {machine.get('cores', '?')} cores, torch {machine.get('torch', '?')}"
     return (f"RECORDED (not computed here) {record.get('date', '?')} on {machine}; commit {record.get('commit', '?')}; "
             f"command: {record.get('command', '?')}; {float(record.get('seconds', 0)) / 60:.1f} min")
 
