@@ -629,7 +629,12 @@ NUMBA_MIN_BATCH = 32
 # ahead at batch 32). So a product of at least this many multiply-adds is timed
 # once on both paths per shape, nnz, batch and dtype, and "auto" keeps the faster.
 AUTOTUNE_MIN_WORK = 1 << 22
-AUTOTUNE_REPEATS = 3
+# A matrix-vector product is timed the same way from this many stored values:
+# our gather kernel led MKL's at 80-95% on an AVX2 EPYC, MKL's led ours at
+# 90-99% on an AVX-512 EPYC (benchmarks/cpu/epyc_avx512_bench_sparse_run*.json).
+AUTOTUNE_MIN_NNZ = 1 << 17
+# Interleaved calls per path; 3 tipped the wrong way once on a shared 2-core machine.
+AUTOTUNE_REPEATS = 7
 _autotuned: dict[tuple, str] = {}
 
 
@@ -644,25 +649,31 @@ def _backend(backend: str, out, num_threads, batch: int) -> str:
         return "mkl"
     if backend == "numba" or not mkl or out is not None or num_threads is not None:
         return "numba"  # `out=` and a thread count are features of our kernel
-    # auto: our gather kernel beat MKL's matrix-vector product by 1.2-1.4x at
-    # 80-95% sparsity (MKL won at 99%, where one product takes 0.1 ms)
+    # auto: ours for a vector and for wide batches, MKL's in between; where
+    # the CPU decides (large products) `_auto_backend` times both and may overrule
     return "numba" if batch == 1 or batch >= NUMBA_MIN_BATCH else "mkl"
 
 
 def autotuned_backend(csr: CSR, batch: int, dtype=np.float32) -> str | None:
-    """The backend "auto" measured as faster for this product (`csr_matmul`), or None if it timed none."""
+    """The backend "auto" measured as faster for this product, or None if it timed none.
+
+    `batch=1` asks about `csr_matvec` (a vector), larger batches about `csr_matmul`.
+    """
     return _autotuned.get((csr.shape, csr.nnz, batch, np.dtype(dtype).str))
 
 
-def _auto_matmul_backend(csr: CSR, X: np.ndarray) -> str:
-    """`_backend("auto", ...)` for a matrix product, settled by timing both paths once where the CPU decides."""
-    batch = X.shape[1]
+def _auto_backend(csr: CSR, X: np.ndarray) -> str:
+    """`_backend("auto", ...)` for a product with a vector (X 1-D) or a matrix, settled by timing both paths once where the CPU decides."""
+    vector = X.ndim == 1
+    batch = 1 if vector else X.shape[1]
     static = _backend("auto", None, None, batch)
-    if static == "mkl" or not torch.backends.mkl.is_available() or csr.nnz * batch < AUTOTUNE_MIN_WORK:
+    small = csr.nnz < AUTOTUNE_MIN_NNZ if vector else (batch == 1 or csr.nnz * batch < AUTOTUNE_MIN_WORK)
+    if static == "mkl" or not torch.backends.mkl.is_available() or small:
         return static
     key = (csr.shape, csr.nnz, batch, X.dtype.str)
     if key not in _autotuned:  # interleaved medians, so a noisy moment hits both; a tie goes to ours
-        median = compare({name: lambda name=name: csr_matmul(csr, X, backend=name) for name in ("numba", "mkl")},
+        product = csr_matvec if vector else csr_matmul
+        median = compare({name: lambda name=name: product(csr, X, backend=name) for name in ("numba", "mkl")},
                          repeats=AUTOTUNE_REPEATS, warmup=0)["median_s"]
         _autotuned[key] = min(median, key=lambda name: (median[name], name != "numba"))
     return _autotuned[key]
@@ -675,8 +686,11 @@ def csr_matvec(csr: CSR, x, out=None, num_threads: int | None = None, backend: s
     split across `num_threads` threads when the matrix holds at least
     `PARALLEL_MIN_WORK` values (`num_threads=1`: serial); "mkl" hands the
     product to torch's int32-indexed CSR (MKL sparse BLAS). "auto" (default)
-    is our kernel: it beat MKL's matrix-vector product at 80-95% sparsity
-    (notebook 08).
+    is our kernel for a matrix of fewer than `AUTOTUNE_MIN_NNZ` stored
+    values; from there it times both paths once per shape on this CPU and
+    keeps the faster (`autotuned_backend(csr, 1)` says which): ours led at
+    80-95% sparsity on one EPYC, MKL's at 90-99% on another (notebook 08,
+    book/benchmarks.md).
 
     Takes and returns numpy arrays or torch tensors (the same kind as `x`).
     float16 values are multiplied in float32.
@@ -688,7 +702,10 @@ def csr_matvec(csr: CSR, x, out=None, num_threads: int | None = None, backend: s
     csr, x, dtype, is_torch = _kernel_operand(csr, x, 1, "x")  # x: (cols,)
     if out is not None and not (isinstance(out, np.ndarray) and out.shape == (csr.shape[0],) and out.dtype == dtype and out.flags.c_contiguous):
         raise ValueError(f"out must be a contiguous {dtype} numpy array of shape ({csr.shape[0]},)")
-    if _backend(backend, out, num_threads, batch=1) == "mkl":
+    chosen = _backend(backend, out, num_threads, batch=1)
+    if backend == "auto" and chosen == "numba" and out is None and num_threads is None:
+        chosen = _auto_backend(csr, x)
+    if chosen == "mkl":
         y = (csr.mkl_tensor() @ torch.from_numpy(x)).numpy()  # (rows,)
         return _back(y, is_torch)
     if out is None:
@@ -720,7 +737,7 @@ def csr_matmul(csr: CSR, X, out=None, num_threads: int | None = None, backend: s
         raise ValueError(f"out must be a contiguous {dtype} numpy array of shape {shape}")
     chosen = _backend(backend, out, num_threads, batch=X.shape[1])
     if backend == "auto" and chosen == "numba" and out is None and num_threads is None:
-        chosen = _auto_matmul_backend(csr, X)
+        chosen = _auto_backend(csr, X)
     if chosen == "mkl":
         Y = (csr.mkl_tensor() @ torch.from_numpy(X)).numpy()  # (rows, batch)
         return _back(Y, is_torch)

@@ -453,6 +453,39 @@ def test_csr_checks_values_and_accepts_what_it_built():
 
 
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch build has no MKL: auto has only our kernel to choose")
+def test_auto_times_both_paths_once_for_a_large_matrix_vector_product(monkeypatch):
+    from chapter11 import csr as csr_module
+
+    monkeypatch.setattr(csr_module, "_autotuned", {})
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((64, 64)).astype(np.float32) * (rng.random((64, 64)) > 0.5)
+    A = to_csr(W)
+    x = rng.standard_normal(64).astype(np.float32)
+    calls = []
+    real = csr_module.csr_matvec
+
+    def counting(csr, x, out=None, num_threads=None, backend="auto"):
+        calls.append(backend)
+        return real(csr, x, out=out, num_threads=num_threads, backend=backend)
+
+    monkeypatch.setattr(csr_module, "csr_matvec", counting)
+    csr_module.csr_matvec(A, x)
+    assert calls == ["auto"] and csr_module.autotuned_backend(A, 1) is None  # under AUTOTUNE_MIN_NNZ: ours, untimed
+    monkeypatch.setattr(csr_module, "AUTOTUNE_MIN_NNZ", A.nnz)
+    calls.clear()
+    y = csr_module.csr_matvec(A, x)
+    np.testing.assert_allclose(y, W @ x, rtol=1e-5, atol=1e-5)
+    assert csr_module.autotuned_backend(A, 1) in ("numba", "mkl")
+    assert calls.count("numba") == calls.count("mkl") == csr_module.AUTOTUNE_REPEATS  # timed interleaved, once
+    calls.clear()
+    csr_module.csr_matvec(A, x)
+    assert calls == ["auto"]  # settled: not timed again
+    monkeypatch.setattr(csr_module, "_autotuned", {})
+    csr_module.csr_matvec(A, x, num_threads=1)  # a thread count is a feature of ours: never timed
+    assert calls == ["auto", "auto"] and csr_module.autotuned_backend(A, 1) is None
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch build has no MKL: auto has only our kernel to choose")
 def test_auto_times_both_paths_once_for_a_large_product_and_keeps_the_faster(monkeypatch):
     from chapter11 import csr as csr_module
 

@@ -131,7 +131,7 @@ def benchmark(
                     "torch_sparse": lambda: (torch_A @ xt),
                 }
                 candidates["chapter11"]()  # settles auto's choice (timed once on both paths where the CPU decides)
-                chosen = (batch > 1 and autotuned_backend(ours, batch)) or _backend("auto", None, None, batch)
+                chosen = autotuned_backend(ours, batch) or _backend("auto", None, None, batch)
                 if mkl:  # the backend that "auto" passed over, for comparison
                     other = "mkl" if chosen == "numba" else "numba"
                     candidates[other] = lambda other=other: kernel(ours, x, backend=other)
