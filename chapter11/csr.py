@@ -629,12 +629,10 @@ NUMBA_MIN_BATCH = 32
 # ahead at batch 32). So a product of at least this many multiply-adds is timed
 # once on both paths per shape, nnz, batch and dtype, and "auto" keeps the faster.
 AUTOTUNE_MIN_WORK = 1 << 22
-# A matrix-vector product is timed the same way from this many stored values:
-# our gather kernel led MKL's at 80-95% on an AVX2 EPYC, MKL's led ours at
-# 90-99% on an AVX-512 EPYC (benchmarks/cpu/epyc_avx512_bench_sparse_run*.json).
+# A matrix-vector product is timed the same way from this many stored values (ours
+# led MKL's at 80-95% on an AVX2 EPYC, MKL's led ours at 90-99% on an AVX-512 one).
 AUTOTUNE_MIN_NNZ = 1 << 17
-# Interleaved calls per path; 3 tipped the wrong way once on a shared 2-core machine.
-AUTOTUNE_REPEATS = 7
+AUTOTUNE_REPEATS = 7  # interleaved calls per path; 3 tipped the wrong way once on a shared 2-core machine
 _autotuned: dict[tuple, str] = {}
 
 
@@ -655,20 +653,18 @@ def _backend(backend: str, out, num_threads, batch: int) -> str:
 
 
 def autotuned_backend(csr: CSR, batch: int, dtype=np.float32) -> str | None:
-    """The backend "auto" measured as faster for this product, or None if it timed none.
-
-    `batch=1` asks about `csr_matvec` (a vector), larger batches about `csr_matmul`.
-    """
+    """The backend "auto" measured as faster for this product (batch 1: `csr_matvec`), or None if it timed none."""
     return _autotuned.get((csr.shape, csr.nnz, batch, np.dtype(dtype).str))
 
 
-def _auto_backend(csr: CSR, X: np.ndarray) -> str:
-    """`_backend("auto", ...)` for a product with a vector (X 1-D) or a matrix, settled by timing both paths once where the CPU decides."""
+def _choose(csr: CSR, X: np.ndarray, backend: str, out, num_threads) -> str:
+    """The path of a product with a vector (X 1-D) or a matrix: `_backend`'s rule, settled by timing both
+    paths once where "auto" meets a product large enough for the CPU to decide."""
     vector = X.ndim == 1
     batch = 1 if vector else X.shape[1]
-    static = _backend("auto", None, None, batch)
+    static = _backend(backend, out, num_threads, batch)
     small = csr.nnz < AUTOTUNE_MIN_NNZ if vector else (batch == 1 or csr.nnz * batch < AUTOTUNE_MIN_WORK)
-    if static == "mkl" or not torch.backends.mkl.is_available() or small:
+    if backend != "auto" or static == "mkl" or out is not None or num_threads is not None or small or not torch.backends.mkl.is_available():
         return static
     key = (csr.shape, csr.nnz, batch, X.dtype.str)
     if key not in _autotuned:  # interleaved medians, so a noisy moment hits both; a tie goes to ours
@@ -686,11 +682,9 @@ def csr_matvec(csr: CSR, x, out=None, num_threads: int | None = None, backend: s
     split across `num_threads` threads when the matrix holds at least
     `PARALLEL_MIN_WORK` values (`num_threads=1`: serial); "mkl" hands the
     product to torch's int32-indexed CSR (MKL sparse BLAS). "auto" (default)
-    is our kernel for a matrix of fewer than `AUTOTUNE_MIN_NNZ` stored
-    values; from there it times both paths once per shape on this CPU and
-    keeps the faster (`autotuned_backend(csr, 1)` says which): ours led at
-    80-95% sparsity on one EPYC, MKL's at 90-99% on another (notebook 08,
-    book/benchmarks.md).
+    is ours, except that from `AUTOTUNE_MIN_NNZ` stored values both paths are
+    timed once per shape on this CPU and the faster kept (`autotuned_backend`;
+    ours led at 80-95% on one EPYC, MKL's at 90-99% on another: book/benchmarks.md).
 
     Takes and returns numpy arrays or torch tensors (the same kind as `x`).
     float16 values are multiplied in float32.
@@ -702,10 +696,7 @@ def csr_matvec(csr: CSR, x, out=None, num_threads: int | None = None, backend: s
     csr, x, dtype, is_torch = _kernel_operand(csr, x, 1, "x")  # x: (cols,)
     if out is not None and not (isinstance(out, np.ndarray) and out.shape == (csr.shape[0],) and out.dtype == dtype and out.flags.c_contiguous):
         raise ValueError(f"out must be a contiguous {dtype} numpy array of shape ({csr.shape[0]},)")
-    chosen = _backend(backend, out, num_threads, batch=1)
-    if backend == "auto" and chosen == "numba" and out is None and num_threads is None:
-        chosen = _auto_backend(csr, x)
-    if chosen == "mkl":
+    if _choose(csr, x, backend, out, num_threads) == "mkl":
         y = (csr.mkl_tensor() @ torch.from_numpy(x)).numpy()  # (rows,)
         return _back(y, is_torch)
     if out is None:
@@ -735,10 +726,7 @@ def csr_matmul(csr: CSR, X, out=None, num_threads: int | None = None, backend: s
     shape = (csr.shape[0], X.shape[1])
     if out is not None and not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype and out.flags.c_contiguous):
         raise ValueError(f"out must be a contiguous {dtype} numpy array of shape {shape}")
-    chosen = _backend(backend, out, num_threads, batch=X.shape[1])
-    if backend == "auto" and chosen == "numba" and out is None and num_threads is None:
-        chosen = _auto_backend(csr, X)
-    if chosen == "mkl":
+    if _choose(csr, X, backend, out, num_threads) == "mkl":
         Y = (csr.mkl_tensor() @ torch.from_numpy(X)).numpy()  # (rows, batch)
         return _back(Y, is_torch)
     if out is None:
