@@ -430,11 +430,11 @@ class MaskedLinear(nn.Module):
 
     `method` picks the criterion (see the module docstring). `weight` and
     `bias` are the wrapped layer's own parameters (shared, not copied);
-    "hard", "soft" and "mixed" add a learned `scores` parameter of the
-    weight's shape. Set `sparsity` (top-k methods) or `threshold` (soft) at
-    any time, or `set_sparsity(model, s)` for all layers (soft layers then
-    share one global cut on the scores); `mask()` gives the current 0/1 mask
-    without gradients.
+    "hard", "soft" and "mixed" add learned `scores` of the weight's shape
+    (`score_init`: 0, soft 1, or "magnitude" for |W|). Set `sparsity` (top-k
+    methods) or `threshold` (soft) at any time, or `set_sparsity(model, s)`
+    for all layers (soft: one global cut on the scores); `mask()` gives the
+    current 0/1 mask without gradients.
 
     `mask` (optional): an earlier 0/1 mask, e.g. a magnitude mask from
     `chapter11.masks`. It is kept as the buffer `weight_mask` (the name
@@ -458,7 +458,7 @@ class MaskedLinear(nn.Module):
         sparsity: float = 0.0,
         threshold: float = 0.5,
         alpha: float = 0.5,
-        score_init: float | None = None,
+        score_init: float | str | None = None,
         mask: torch.Tensor | None = None,
     ):
         super().__init__()
@@ -482,12 +482,12 @@ class MaskedLinear(nn.Module):
             self.register_buffer("weight_mask", mask.clone())
             with torch.no_grad():
                 weight.copy_(torch.where(mask.bool(), weight, torch.zeros_like(weight)))
-        if method == "magnitude":
-            self.scores = None
-        else:
-            if score_init is None:
-                score_init = 1.0 if method == "soft" else 0.0  # soft: sigmoid(1) = 0.73 > 0.5, all kept at first
-            self.scores = nn.Parameter(torch.full_like(weight.detach(), float(score_init)))  # (out, in)
+        if score_init is None:
+            score_init = 1.0 if method == "soft" else 0.0  # soft: sigmoid(1) = 0.73 > 0.5, all kept at first
+        if score_init != "magnitude" and (isinstance(score_init, (bool, str)) or not math.isfinite(score_init)):
+            raise ValueError(f"score_init must be a number, None or 'magnitude', got {score_init!r}")
+        start = weight.detach().abs() if score_init == "magnitude" else torch.full_like(weight.detach(), float(score_init))  # (out, in)
+        self.scores = None if method == "magnitude" else nn.Parameter(start.clone())  # magnitude: no learned scores
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, method: str = "hard", **kwargs) -> "MaskedLinear":

@@ -1,5 +1,6 @@
 """Tests for chapter11.movement: scores and their sign, masks, STE, MaskedLinear, finalize."""
 
+import dataclasses
 import math
 
 import pytest
@@ -609,3 +610,33 @@ def test_grid_log_survives_a_torn_line(tmp_path):
     with pytest.raises(ValueError, match="line 2"):
         read_jsonl(log)
     assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_scores_can_start_at_the_weight_magnitudes_and_bad_starts_are_refused():
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 4)
+    layer = mv.MaskedLinear.from_linear(linear, method="hard", sparsity=0.5, score_init="magnitude")
+    assert torch.equal(layer.scores.detach(), linear.weight.detach().abs())
+    assert layer.scores.data_ptr() != linear.weight.data_ptr()  # a copy: learning the scores leaves W alone
+    magnitude = mv.MaskedLinear.from_linear(linear, method="magnitude", sparsity=0.5)
+    assert torch.equal(layer.mask(), magnitude.mask())  # before any step, hard movement ranks like magnitude
+    for bad in ("abs", float("nan"), True):
+        with pytest.raises(ValueError, match="score_init"):
+            mv.MaskedLinear.from_linear(nn.Linear(6, 4), method="hard", score_init=bad)
+
+
+def test_ablation_changes_one_factor_and_keeps_the_hold_at_the_final_sparsity():
+    base = ex3.GridSettings()
+    hold = 1 - base.warmup_frac - base.ramp_frac
+    variants = ex3.ablation_variants(base)
+    assert variants["baseline"] == {}
+    for name, changes in variants.items():
+        s = dataclasses.replace(base, **{k: v for k, v in changes.items() if k != "score_init"})
+        assert 1 - s.warmup_frac - s.ramp_frac == pytest.approx(hold), name  # the same recovery fraction in every variant
+        assert s.config(0).schedule(s.steps, 0.9) == pytest.approx(0.9), name  # every variant reaches 90%
+        changed = {k for k, v in dataclasses.asdict(s).items() if v != getattr(base, k)} | ({"score_init"} & set(changes))
+        assert changed == set(changes), name
+    plan = ex3.ablation_plan()
+    assert len(plan) == len(set(plan))
+    assert {(v, m) for v, m, _ in plan if m == "magnitude"} == {(v, "magnitude") for v in ("baseline", "warm-up 30%", "warm-up 50%", "450 steps")}
+    assert all(len([p for p in plan if p[:2] == (v, "hard")]) == len(ex3.ABLATION_SEEDS) for v in variants)

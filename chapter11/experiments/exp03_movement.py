@@ -17,7 +17,7 @@ method itself (the method is `chapter11.movement`):
   lower blocks frozen and cached (`TopBlocks`, `LMSettings`, `lm_data`,
   `run_lm_one`, `lm_full_run`), and step times.
 
-    python -m chapter11.experiments.exp03_movement [lm | first-cut | more-seeds [worker I/N] | worker I/N]
+    python -m chapter11.experiments.exp03_movement [lm | first-cut | ablation [worker I/N] | more-seeds [worker I/N] | worker I/N]
 
 But: one small task and one model size per part, chosen to run on two CPU
 cores; the recorded runs, not the live cells, carry the seed statistics.
@@ -383,10 +383,12 @@ def _run_key(method: str | None, sparsity: float, seed: int, penalty: float, ste
 
 
 def run_one(task: DocstringTask, settings: GridSettings, method: str | None, sparsity: float, seed: int,
-            penalty: float = 0.0, steps: int | None = None, eval_every: int | None = None, device=None) -> dict:
+            penalty: float = 0.0, steps: int | None = None, eval_every: int | None = None, device=None,
+            score_init: float | str | None = None) -> dict:
     """One fine-pruning run of the grid from fresh pretrained weights; a JSON-ready record.
 
-    `device` defaults to `chapter11.train.default_device()`.
+    `device` defaults to `chapter11.train.default_device()`; `score_init`
+    goes to `MaskedLinear` (None: its default).
     """
     import time
 
@@ -394,7 +396,7 @@ def run_one(task: DocstringTask, settings: GridSettings, method: str | None, spa
 
     model = minilm_classifier(len(task.class_names), layers=settings.layers, seed=seed).to(device or default_device())
     if method is not None:
-        wrap_linears(model, method)
+        wrap_linears(model, method, **({} if score_init is None or method == "magnitude" else {"score_init": score_init}))
     config = settings.config(seed, penalty if method == "soft" else 0.0, steps)
     wall, cpu = time.perf_counter(), time.process_time()
     r = fine_prune(model, task, method, sparsity if method is not None else 0.0, config, eval_every=eval_every)
@@ -589,6 +591,139 @@ def more_seeds_run(worker: int = 0, workers: int = 1,
     results["cpu_s_all_runs"] = round(sum(r["cpu_s"] for r in [*results["penalty_search"], *results["runs"]]), 1)
     save_full_run(MORE_SEEDS_NAME, results, settings.as_dict(), command, time.perf_counter() - start)
     return load_full_run(MORE_SEEDS_NAME)
+
+
+# ---------------------------------------------------------------------------
+# Why movement collapses at 90%: one factor at a time
+# ---------------------------------------------------------------------------
+
+ABLATION_NAME = "03_movement_ablation"
+ABLATION_SPARSITY = 0.9
+ABLATION_METHODS = ("magnitude", "hard")
+ABLATION_SEEDS = (0, 1, 2)
+
+
+def ablation_variants(base: GridSettings = GridSettings()) -> dict[str, dict]:
+    """The grid's regime and five changes to it, one factor each: {name: changes}.
+
+    Warm-up moves the first cut later; the ramp shrinks with it, so that
+    every variant holds the final sparsity for the same last fraction of
+    its steps (recovery time is not a second factor). "450 steps" triples
+    the run and keeps the fractions. `score_init` and `score_lr` act only on
+    the learned scores, so magnitude pruning is the same run as the
+    baseline there and is not repeated.
+
+    >>> v = ablation_variants()
+    >>> list(v)
+    ['baseline', 'warm-up 30%', 'warm-up 50%', '450 steps', 'scores start at |W|', 'score lr 1e-3']
+    >>> v["warm-up 50%"]
+    {'warmup_frac': 0.5, 'ramp_frac': 0.2}
+    """
+    hold = round(1.0 - base.warmup_frac - base.ramp_frac, 6)
+    return {
+        "baseline": {},
+        "warm-up 30%": {"warmup_frac": 0.3, "ramp_frac": round(1.0 - 0.3 - hold, 6)},
+        "warm-up 50%": {"warmup_frac": 0.5, "ramp_frac": round(1.0 - 0.5 - hold, 6)},
+        "450 steps": {"steps": 3 * base.steps},
+        "scores start at |W|": {"score_init": "magnitude"},
+        "score lr 1e-3": {"score_lr": 1e-3},
+    }
+
+
+SCORE_ONLY = ("score_init", "score_lr")  # changes that leave magnitude pruning untouched
+
+
+def ablation_plan(methods: Sequence[str] = ABLATION_METHODS, seeds: Sequence[int] = ABLATION_SEEDS) -> list[tuple[str, str, int]]:
+    """Every (variant, method, seed) the ablation runs, in order; magnitude only where a variant changes it.
+
+    >>> len(ablation_plan()), len(ablation_plan(methods=("hard",)))
+    (30, 18)
+    """
+    plan = []
+    for name, changes in ablation_variants().items():
+        for method in methods:
+            if method == "magnitude" and changes and set(changes) <= set(SCORE_ONLY):
+                continue
+            plan += [(name, method, seed) for seed in seeds]
+    return plan
+
+
+def ablation_run(worker: int = 0, workers: int = 1, methods: Sequence[str] = ABLATION_METHODS, seeds: Sequence[int] = ABLATION_SEEDS,
+                 command: str = "python -m chapter11.experiments.exp03_movement ablation", progress=print) -> dict | None:
+    """Run `ablation_plan` at `ABLATION_SPARSITY` (resumable log under build/); the last call (workers=1)
+    records benchmarks/full/03_movement_ablation.json with every run's validation and test accuracy.
+
+    `workers > 1`: process `worker` runs every `workers`-th run of the plan
+    into its own log; a final call with `workers=1` finds them and records.
+    """
+    import dataclasses
+    import hashlib
+    import json
+    import time
+
+    from ..models import load_minilm
+    from ..report import FULL_RUNS, load_full_run, save_full_run
+
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1 or not 0 <= worker < workers:
+        raise ValueError(f"need 0 <= worker < workers, got worker={worker!r}, workers={workers!r}")
+    base = GridSettings()
+    variants = ablation_variants(base)
+    settings = {"grid": base.as_dict(), "sparsity": ABLATION_SPARSITY, "variants": variants, "methods": list(methods), "seeds": list(seeds)}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]  # one log per setting, never mixed
+    log_path = FULL_RUNS.parent.parent / "build" / f"{ABLATION_NAME}.{digest}.runs.jsonl"
+    own_log = log_path if workers == 1 else log_path.with_name(f"{log_path.stem}.w{worker}.jsonl")
+    done = {(r["variant"], r["method"], r["seed"]): r for r in _read_logs(log_path).values()}
+    plan = ablation_plan(methods, seeds)
+    _, tokenizer = load_minilm()
+    task = docstring_task(tokenizer, max_length=base.max_length, max_per_class=base.max_per_class,
+                          test_per_class=base.test_per_class, val_per_class=base.val_per_class)
+    start = time.perf_counter()
+    for index, (name, method, seed) in enumerate(plan):
+        if index % workers != worker or (name, method, seed) in done:
+            continue
+        changes = dict(variants[name])
+        score_init = changes.pop("score_init", None)
+        settings = dataclasses.replace(base, **changes)
+        rec = run_one(task, settings, method, ABLATION_SPARSITY, seed, score_init=score_init)
+        rec.update(variant=name, key=f"{name}|{rec['key']}", torch_threads=torch.get_num_threads())
+        done[name, method, seed] = rec
+        append_jsonl(own_log, rec)
+        if progress:
+            progress(f"{name:20s} {method:9s} seed {seed}: sparsity {rec['sparsity']:.4f} val {rec['val']:.3f} test {rec['test']:.3f} "
+                     f"({rec['wall_s']:.0f} s wall)")
+    if workers > 1:
+        return None
+    missing = [p for p in plan if p not in done]
+    if missing:
+        raise RuntimeError(f"{len(missing)} runs of the ablation are not in the logs yet, e.g. {missing[0]}")
+    runs = [done[p] for p in plan]
+    results = {"runs": runs, "cpu_s_all_runs": round(sum(r["cpu_s"] for r in runs), 1)}
+    save_full_run(ABLATION_NAME, results, settings, command, time.perf_counter() - start)
+    return load_full_run(ABLATION_NAME)
+
+
+def ablation_table(record: dict, metric: str = "val") -> dict[str, dict[str, object]]:
+    """{variant: {method: Summary of `metric` over seeds}} from the ablation record; magnitude
+    appears under every variant (the baseline's runs where the variant changes only the scores).
+
+    >>> runs = [{"variant": "baseline", "method": m, "seed": s, "val": v} for m, vals in (("magnitude", (0.6, 0.7)), ("hard", (0.1, 0.2)))
+    ...         for s, v in enumerate(vals)] + [{"variant": "score lr 1e-3", "method": "hard", "seed": s, "val": v} for s, v in enumerate((0.3, 0.5))]
+    >>> t = ablation_table({"results": {"runs": runs}, "settings": {"variants": {"baseline": {}, "score lr 1e-3": {"score_lr": 0.001}}}})
+    >>> f"{t['score lr 1e-3']['hard']:.2f}", f"{t['score lr 1e-3']['magnitude']:.2f}"
+    ('0.40 ± 0.14', '0.65 ± 0.07')
+    """
+    from ..stats import summarize
+
+    values: dict[str, dict[str, list[float]]] = {}
+    for r in record["results"]["runs"]:
+        values.setdefault(r["variant"], {}).setdefault(r["method"], []).append(float(r[metric]))
+    table = {}
+    for name, changes in record["settings"]["variants"].items():
+        row = {m: summarize(v) for m, v in values.get(name, {}).items()}
+        if "magnitude" not in row and "magnitude" in values.get("baseline", {}) and set(changes) <= set(SCORE_ONLY):
+            row = {"magnitude": summarize(values["baseline"]["magnitude"]), **row}
+        table[name] = row
+    return table
 
 
 # ---------------------------------------------------------------------------
@@ -1105,6 +1240,13 @@ if __name__ == "__main__":  # python -m chapter11.experiments.exp03_movement [lm
         lm_full_run()
     elif args == ["first-cut"]:
         first_cut_run()
+    elif args[:1] == ["ablation"]:  # ablation [worker I/N]
+        if len(args) == 3 and args[1] == "worker":
+            i, n = (int(v) for v in args[2].split("/"))
+            torch.set_num_threads(1)  # one process per core; each run records its thread count
+            ablation_run(worker=i, workers=n)
+        else:
+            ablation_run()
     elif args[:1] == ["more-seeds"]:  # more-seeds [worker I/N]
         if len(args) == 3 and args[1] == "worker":
             i, n = (int(v) for v in args[2].split("/"))
@@ -1115,6 +1257,6 @@ if __name__ == "__main__":  # python -m chapter11.experiments.exp03_movement [lm
         i, n = (int(v) for v in args[1].split("/"))
         run_grid(worker=i, workers=n, log_path=grid_log_path())
     elif args:
-        raise SystemExit("usage: python -m chapter11.experiments.exp03_movement [lm | first-cut | more-seeds [worker I/N] | worker I/N]")
+        raise SystemExit("usage: python -m chapter11.experiments.exp03_movement [lm | first-cut | ablation [worker I/N] | more-seeds [worker I/N] | worker I/N]")
     else:
         full_run()
