@@ -452,6 +452,19 @@ def test_csr_checks_values_and_accepts_what_it_built():
         assert torch.equal(to_dense(built), W)
 
 
+def _count_backends(monkeypatch, csr_module, name: str) -> list[str]:
+    """Wrap `csr_module.<name>` so every call appends its `backend`; returns that list."""
+    calls = []
+    real = getattr(csr_module, name)
+
+    def counting(csr, X, out=None, num_threads=None, backend="auto"):
+        calls.append(backend)
+        return real(csr, X, out=out, num_threads=num_threads, backend=backend)
+
+    monkeypatch.setattr(csr_module, name, counting)
+    return calls
+
+
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch build has no MKL: auto has only our kernel to choose")
 def test_auto_times_both_paths_once_for_a_large_matrix_vector_product(monkeypatch):
     from chapter11 import csr as csr_module
@@ -461,14 +474,7 @@ def test_auto_times_both_paths_once_for_a_large_matrix_vector_product(monkeypatc
     W = rng.standard_normal((64, 64)).astype(np.float32) * (rng.random((64, 64)) > 0.5)
     A = to_csr(W)
     x = rng.standard_normal(64).astype(np.float32)
-    calls = []
-    real = csr_module.csr_matvec
-
-    def counting(csr, x, out=None, num_threads=None, backend="auto"):
-        calls.append(backend)
-        return real(csr, x, out=out, num_threads=num_threads, backend=backend)
-
-    monkeypatch.setattr(csr_module, "csr_matvec", counting)
+    calls = _count_backends(monkeypatch, csr_module, "csr_matvec")
     csr_module.csr_matvec(A, x)
     assert calls == ["auto"] and csr_module.autotuned_backend(A, 1) is None  # under AUTOTUNE_MIN_NNZ: ours, untimed
     monkeypatch.setattr(csr_module, "AUTOTUNE_MIN_NNZ", A.nnz)
@@ -496,14 +502,7 @@ def test_auto_times_both_paths_once_for_a_large_product_and_keeps_the_faster(mon
     A = to_csr(W)
     X = rng.standard_normal((64, 32)).astype(np.float32)
     assert csr_module.autotuned_backend(A, 32) is None
-    calls = []
-    real = csr_module.csr_matmul
-
-    def counting(csr, X, out=None, num_threads=None, backend="auto"):
-        calls.append(backend)
-        return real(csr, X, out=out, num_threads=num_threads, backend=backend)
-
-    monkeypatch.setattr(csr_module, "csr_matmul", counting)
+    calls = _count_backends(monkeypatch, csr_module, "csr_matmul")
     Y = csr_module.csr_matmul(A, X)
     np.testing.assert_allclose(Y, W @ X, rtol=1e-5, atol=1e-5)
     chosen = csr_module.autotuned_backend(A, 32)

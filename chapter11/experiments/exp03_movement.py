@@ -410,6 +410,20 @@ def run_one(task: DocstringTask, settings: GridSettings, method: str | None, spa
     }
 
 
+def _worker_log(log_path, worker: int, workers: int):
+    """The log process `worker` of `workers` appends to: `log_path` itself, or `<stem>.w<worker>.jsonl` beside it."""
+    from pathlib import Path
+
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1 or not 0 <= worker < workers:
+        raise ValueError(f"need 0 <= worker < workers, got worker={worker!r}, workers={workers!r}")
+    if workers > 1 and log_path is None:
+        raise ValueError("workers > 1 needs a log_path to share finished runs")
+    if log_path is None:
+        return None
+    log_path = Path(log_path)
+    return log_path if workers == 1 else log_path.with_name(f"{log_path.stem}.w{worker}.jsonl")
+
+
 def _read_logs(log_path) -> dict[str, dict]:
     """Finished runs from `log_path` and its worker logs (`<stem>.w<i>.jsonl` next to it)."""
     from pathlib import Path
@@ -436,19 +450,11 @@ def run_grid(settings: GridSettings = GridSettings(), log_path=None, progress=pr
     assembles the result.
     """
     import time
-    from pathlib import Path
 
     from ..models import load_minilm
 
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1 or not 0 <= worker < workers:
-        raise ValueError(f"need 0 <= worker < workers, got worker={worker!r}, workers={workers!r}")
-    if workers > 1 and log_path is None:
-        raise ValueError("workers > 1 needs a log_path to share finished runs")
+    own_log = _worker_log(log_path, worker, workers)
     done = _read_logs(log_path) if log_path is not None else {}
-    own_log = None
-    if log_path is not None:
-        log_path = Path(log_path)
-        own_log = log_path if workers == 1 else log_path.with_name(f"{log_path.stem}.w{worker}.jsonl")
     _, tokenizer = load_minilm()
     task = docstring_task(tokenizer, max_length=settings.max_length, max_per_class=settings.max_per_class,
                           test_per_class=settings.test_per_class, val_per_class=settings.val_per_class)
@@ -664,14 +670,12 @@ def ablation_run(worker: int = 0, workers: int = 1, methods: Sequence[str] = ABL
     from ..models import load_minilm
     from ..report import FULL_RUNS, load_full_run, save_full_run
 
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1 or not 0 <= worker < workers:
-        raise ValueError(f"need 0 <= worker < workers, got worker={worker!r}, workers={workers!r}")
     base = GridSettings()
     variants = ablation_variants(base)
     settings = {"grid": base.as_dict(), "sparsity": ABLATION_SPARSITY, "variants": variants, "methods": list(methods), "seeds": list(seeds)}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]  # one log per setting, never mixed
     log_path = FULL_RUNS.parent.parent / "build" / f"{ABLATION_NAME}.{digest}.runs.jsonl"
-    own_log = log_path if workers == 1 else log_path.with_name(f"{log_path.stem}.w{worker}.jsonl")
+    own_log = _worker_log(log_path, worker, workers)
     done = {(r["variant"], r["method"], r["seed"]): r for r in _read_logs(log_path).values()}
     plan = ablation_plan(methods, seeds)
     _, tokenizer = load_minilm()
