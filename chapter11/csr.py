@@ -632,7 +632,10 @@ AUTOTUNE_MIN_WORK = 1 << 22
 # A matrix-vector product is timed the same way from this many stored values (ours
 # led MKL's at 80-95% on an AVX2 EPYC, MKL's led ours at 90-99% on an AVX-512 one).
 AUTOTUNE_MIN_NNZ = 1 << 17
-AUTOTUNE_REPEATS = 7  # interleaved calls per path; 3 tipped the wrong way once on a shared 2-core machine
+# Timed calls per path, in blocks after one untimed call (`bench.compare`'s `block`): single
+# alternating calls let one path's still-spinning threads slow the other, and the 90% vector product
+# went to ours in 3 of 4 trials though MKL's won every side-by-side run; blocks matched them 20 of 20.
+AUTOTUNE_REPEATS, AUTOTUNE_BLOCK = 10, 5
 _autotuned: dict[tuple, str] = {}
 
 
@@ -670,7 +673,7 @@ def _choose(csr: CSR, X: np.ndarray, backend: str, out, num_threads) -> str:
     if key not in _autotuned:  # interleaved medians, so a noisy moment hits both; a tie goes to ours
         product = csr_matvec if vector else csr_matmul
         median = compare({name: lambda name=name: product(csr, X, backend=name) for name in ("numba", "mkl")},
-                         repeats=AUTOTUNE_REPEATS, warmup=0)["median_s"]
+                         repeats=AUTOTUNE_REPEATS, warmup=1, block=AUTOTUNE_BLOCK)["median_s"]
         _autotuned[key] = min(median, key=lambda name: (median[name], name != "numba"))
     return _autotuned[key]
 
