@@ -644,6 +644,7 @@ def prune_llm(
     blocks: Sequence[int] | None = None,
     measure_error: bool = False,
     progress_bar: bool | None = None,
+    magnitude_scope: str = "layer",
 ) -> PruneResult:
     """Prune every Linear inside the decoder blocks of `model` in place; returns a `PruneResult`.
 
@@ -661,6 +662,8 @@ def prune_llm(
     `blocks` restricts pruning to those block indices (the others stay dense).
     `measure_error=True` also records each layer's relative output error on
     its calibration inputs (one X^T X per layer, so it costs more for Wanda).
+    `magnitude_scope="row"` makes magnitude compare |W| within each output row,
+    Wanda's group: the control that separates Wanda's score from its grouping.
 
     All or nothing: the pattern, NaN or infinite weights and torch's pruning
     reparametrisation are checked in every chosen block before any is
@@ -696,6 +699,8 @@ def prune_llm(
                 _check_pattern(sparsity, n, m, lin.in_features)
             except ValueError as err:
                 raise ValueError(f"{err} (layer {name} of block {l})") from None
+    if magnitude_scope not in ("layer", "row"):
+        raise ValueError(f"magnitude_scope must be 'layer' or 'row', got {magnitude_scope!r}")
     if method == "sparsegpt":  # block_size and damp mean nothing to magnitude and Wanda
         _check_obs_args(block_size, damp, m)
     premasked = [name for l in chosen for name, lin in linears[l].items() if hasattr(lin, "weight_mask")]
@@ -749,7 +754,7 @@ def prune_llm(
                     before[name] = W.clone()
                 sq, G, tokens = stats.of(name) if stats is not None else (None, None, 0)
                 if method == "magnitude":
-                    mask = _select(W.abs().to(STAT_DTYPE), sparsity, n, m, "layer")
+                    mask = _select(W.abs().to(STAT_DTYPE), sparsity, n, m, magnitude_scope)
                 elif method == "wanda":
                     sq = sq if sq is not None else torch.diagonal(G)  # (d_in,) squared column norms
                     mask = _select(W.abs().to(STAT_DTYPE) * sq.sqrt(), sparsity, n, m, "row")

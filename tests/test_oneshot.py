@@ -309,6 +309,20 @@ def test_prune_llm_magnitude_needs_no_calibration_and_blocks_limit_the_work():
     assert result.statistics_bytes and set(result.statistics_bytes.values()) == {0}
 
 
+def test_prune_llm_magnitude_per_row_prunes_each_row_alike_and_differs_from_per_layer():
+    by_layer, by_row = tiny_llama(num_layers=1), tiny_llama(num_layers=1)
+    weights = {name: p.detach().clone() for name, p in linear_weights(by_row).items()}
+    prune_llm(by_layer, None, method="magnitude", sparsity=0.5, progress_bar=False)
+    prune_llm(by_row, None, method="magnitude", sparsity=0.5, progress_bar=False, magnitude_scope="row")
+    for name, W in weights.items():
+        kept = by_row.get_parameter(name) != 0
+        assert torch.equal(kept, mask_from_scores(W.abs(), sparsity=0.5, scope="row").bool()), name
+        assert set((~kept).sum(dim=1).tolist()) == {round(0.5 * W.shape[1])}, name
+    assert any(not torch.equal(by_layer.get_parameter(n) != 0, by_row.get_parameter(n) != 0) for n in weights)
+    with pytest.raises(ValueError, match="magnitude_scope"):
+        prune_llm(tiny_llama(num_layers=1), None, method="magnitude", sparsity=0.5, magnitude_scope="column")
+
+
 def test_pruned_llm_masks_survive_save_load_and_optimizer_steps(tmp_path, calibration):
     model = tiny_llama(num_layers=2, num_kv_heads=2)
     prune_llm(model, calibration, method="sparsegpt", sparsity=None, n=2, m=4, progress_bar=False)

@@ -6,10 +6,12 @@ Covers: what notebook 09 runs around the method (`chapter11.oneshot`):
 (perplexity against the number of calibration sequences), `layer_means`
 (per-layer numbers averaged by projection or block), `bench_prune_llm`
 (`python -m chapter11 bench oneshot`: pruning time against a forward
-pass, split by part), and `ablation_run`,
-the recorded run with the sizes too slow for the notebook:
+pass, split by part), `ablation_run`, the recorded run with the sizes
+too slow for the notebook, and `sufficient_calibration_run`, Wanda and
+SparseGPT on 64 x 128 calibration tokens against a 16k-token held-out text:
 
     python -m chapter11.experiments.exp09_oneshot ablation
+    python -m chapter11.experiments.exp09_oneshot sufficient
 
 But: perplexity on one held-out text (pydoc topics) and one model; the
 calibration seeds vary the sample, not the text it is drawn from.
@@ -130,6 +132,62 @@ def ablation_run(command: str = "python -m chapter11.experiments.exp09_oneshot a
     return load_full_run(ABLATION_RUN_NAME)
 
 
+SUFFICIENT_RUN_NAME = "09_sufficient_calibration"
+
+
+SUFFICIENT_SETTINGS = {"sequences": [8, 64], "seq_len": 128, "eval_tokens": 16384, "eval_window": 512,
+                       "seeds": [0, 1, 2], "patterns": {"50%": {"sparsity": 0.5}, "2:4": {"sparsity": None, "n": 2, "m": 4}},
+                       "sizes_by_pattern": {"50%": [8, 64], "2:4": [64]}}
+
+
+def sufficient_calibration_run(command: str = "python -m chapter11.experiments.exp09_oneshot sufficient") -> dict:
+    """Wanda and SparseGPT on the same sufficient calibration, judged on a long held-out text.
+
+    The notebook's grid calibrates on 8 x 128 = 1,024 tokens, fewer than
+    `down_proj`'s 1,536 inputs, so SparseGPT's X^T X there is rank-deficient
+    (only the damping makes it invertible). This run gives both methods 64 x 128
+    tokens (and, at 50%, also the grid's 8 x 128 on the same seeds, so the
+    change is paired), evaluates on 16,384 held-out tokens in windows of 512, and
+    adds magnitude compared per output row (Wanda's group) beside magnitude per
+    layer. Saved as `benchmarks/full/09_sufficient_calibration.json`.
+    """
+    from ..data import pydoc_topics, text_tokens
+    from ..models import load_smollm
+    from ..report import load_full_run, save_full_run
+
+    s = SUFFICIENT_SETTINGS
+    start = time.perf_counter()
+    model, tokenizer = load_smollm()
+    cal_tokens = text_tokens(tokenizer, pydoc_topics("calibration"))
+    eval_tokens = text_tokens(tokenizer, pydoc_topics("evaluation"), max_tokens=s["eval_tokens"] + 1)
+    if len(eval_tokens) != s["eval_tokens"] + 1:
+        raise ValueError(f"the evaluation half holds {len(eval_tokens) - 1} tokens, fewer than {s['eval_tokens']}")
+    window = s["eval_window"]
+
+    def log(line: str) -> None:
+        print(f"[{(time.perf_counter() - start) / 60:6.1f} min] {line}", flush=True)
+
+    results = {"dense": perplexity(model, eval_tokens, block_size=window, batch_size=8), "perplexity": {}, "seconds": {}}
+    log(f"dense {results['dense']:.2f}")
+    for label, pattern in s["patterns"].items():
+        for scope in ("layer", "row"):
+            ppl, _ = prune_and_evaluate(model, None, eval_tokens, "magnitude", seq_len=window, magnitude_scope=scope,
+                                        progress_bar=False, **pattern)
+            results["perplexity"][f"magnitude-{scope} {label}"] = [ppl]
+            log(f"magnitude per {scope} {label}: {ppl:.2f}")
+        for size in s["sizes_by_pattern"][label]:
+            for method in ("wanda", "sparsegpt"):
+                key = f"{method} {label} {size}x{s['seq_len']}"
+                for seed in s["seeds"]:
+                    sample = calibration_sequences(cal_tokens, size, s["seq_len"], seed=seed)
+                    ppl, r = prune_and_evaluate(model, sample, eval_tokens, method, seq_len=window, progress_bar=False, **pattern)
+                    results["perplexity"].setdefault(key, []).append(ppl)
+                    results["seconds"].setdefault(key, []).append(r.seconds)
+                    log(f"{key} seed {seed}: {ppl:.2f} (pruning {r.seconds:.0f} s)")
+    save_full_run(SUFFICIENT_RUN_NAME, results, s, command, time.perf_counter() - start)
+    return load_full_run(SUFFICIENT_RUN_NAME)
+
+
 def bench_prune_llm(model: nn.Module, calibration: torch.Tensor, methods: Sequence[str] = ("wanda", "sparsegpt"),
                     sparsity: float = 0.5, batch_size: int = 8, repeats: int = 3) -> dict:
     """`prune_llm` time against one forward pass over the same calibration tokens, with its split by part.
@@ -243,6 +301,7 @@ if __name__ == "__main__":  # python -m chapter11.experiments.exp09_oneshot abla
     import sys
 
     torch.set_num_threads(2)
-    if sys.argv[1:] != ["ablation"]:
-        raise SystemExit("usage: python -m chapter11.experiments.exp09_oneshot ablation")
-    ablation_run()
+    runs = {"ablation": ablation_run, "sufficient": sufficient_calibration_run}
+    if len(sys.argv) != 2 or sys.argv[1] not in runs:
+        raise SystemExit("usage: python -m chapter11.experiments.exp09_oneshot ablation|sufficient")
+    runs[sys.argv[1]]()
