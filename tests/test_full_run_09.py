@@ -121,3 +121,18 @@ def test_large_calibration_record_matches_the_full_run(recorded):
     assert min(s["sizes"]) > max(full["calibration_sizes"]) and max(s["sizes"]) == 64
     assert all(len(large["results"]["perplexity"][str(size)]) == len(s["seeds"]) for size in s["sizes"])
     assert "ABLATION_RUN_NAME" in NOTEBOOK.read_text()
+
+
+def test_sufficient_calibration_record_is_clean_complete_and_matches_its_driver():
+    from chapter11.experiments.exp09_oneshot import SUFFICIENT_RUN_NAME, SUFFICIENT_SETTINGS
+
+    rec = load_full_run(SUFFICIENT_RUN_NAME)
+    assert "uncommitted" not in rec["commit"] and len(rec["commit"]) == 40
+    assert rec["settings"] == SUFFICIENT_SETTINGS
+    ppl, s = rec["results"]["perplexity"], rec["settings"]
+    for p, sizes in s["sizes_by_pattern"].items():
+        assert len(ppl[f"magnitude-layer {p}"]) == len(ppl[f"magnitude-row {p}"]) == 1
+        for size in sizes:
+            for method in ("wanda", "sparsegpt"):
+                values = ppl[f"{method} {p} {size}x{s['seq_len']}"]
+                assert len(values) == len(s["seeds"]) and all(rec["results"]["dense"] < v < 1e4 for v in values)

@@ -297,7 +297,7 @@ def layer_means(values: dict[str, float], by: str = "projection") -> dict:
     return {key: sum(v) / len(v) for key, v in groups.items()}
 
 
-if __name__ == "__main__":  # python -m chapter11.experiments.exp09_oneshot ablation: the recorded large-calibration runs
+if __name__ == "__main__":  # python -m chapter11.experiments.exp09_oneshot ablation|sufficient: the recorded runs
     import sys
 
     torch.set_num_threads(2)
