@@ -675,6 +675,8 @@ def prune_llm(
     check_model(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if magnitude_scope not in ("layer", "row"):
+        raise ValueError(f"magnitude_scope must be 'layer' or 'row', got {magnitude_scope!r}")
     if n is not None or m is not None:
         if sparsity is not None and not (_is_int(n) and _is_int(m) and m > 0 and abs(sparsity - (1 - n / m)) < 1e-12):
             raise ValueError(f"give either sparsity or n and m: sparsity={sparsity} does not match {n}:{m}; pass sparsity=None")
@@ -699,8 +701,6 @@ def prune_llm(
                 _check_pattern(sparsity, n, m, lin.in_features)
             except ValueError as err:
                 raise ValueError(f"{err} (layer {name} of block {l})") from None
-    if magnitude_scope not in ("layer", "row"):
-        raise ValueError(f"magnitude_scope must be 'layer' or 'row', got {magnitude_scope!r}")
     if method == "sparsegpt":  # block_size and damp mean nothing to magnitude and Wanda
         _check_obs_args(block_size, damp, m)
     premasked = [name for l in chosen for name, lin in linears[l].items() if hasattr(lin, "weight_mask")]

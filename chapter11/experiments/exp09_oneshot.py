@@ -102,6 +102,20 @@ def calibration_ablation(model: nn.Module, calibration_tokens: torch.Tensor, tok
     return out
 
 
+def _model_and_texts(eval_tokens: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """SmolLM2-135M, the calibration half of the pydoc topics and the first `eval_tokens` + 1 tokens of the
+    evaluation half: what the recorded runs prune and score on (ValueError if that half is too short)."""
+    from ..data import pydoc_topics, text_tokens
+    from ..models import load_smollm
+
+    model, tokenizer = load_smollm()
+    cal_tokens = text_tokens(tokenizer, pydoc_topics("calibration"))
+    held_out = text_tokens(tokenizer, pydoc_topics("evaluation"), max_tokens=eval_tokens + 1)
+    if len(held_out) != eval_tokens + 1:
+        raise ValueError(f"the evaluation half holds {len(held_out) - 1} tokens, fewer than eval_tokens = {eval_tokens}")
+    return model, cal_tokens, held_out
+
+
 ABLATION_RUN_NAME = "09_calibration_ablation"
 
 
@@ -116,15 +130,11 @@ def ablation_run(command: str = "python -m chapter11.experiments.exp09_oneshot a
     `save_full_run` as `benchmarks/full/09_calibration_ablation.json`; the
     notebook loads it beside the sizes it runs itself.
     """
-    from ..data import pydoc_topics, text_tokens
-    from ..models import load_smollm
     from ..report import load_full_run, save_full_run
 
     s = ABLATION_SETTINGS
     start = time.perf_counter()
-    model, tokenizer = load_smollm()
-    cal_tokens = text_tokens(tokenizer, pydoc_topics("calibration"))
-    eval_tokens = text_tokens(tokenizer, pydoc_topics("evaluation"), max_tokens=s["eval_tokens"] + 1)
+    model, cal_tokens, eval_tokens = _model_and_texts(s["eval_tokens"])
     ppl = calibration_ablation(model, cal_tokens, eval_tokens, s["sizes"], s["seeds"], method=s["method"],
                                sparsity=s["sparsity"], seq_len=s["seq_len"], progress_bar=False)
     save_full_run(ABLATION_RUN_NAME, {"perplexity": {str(k): v for k, v in ppl.items()}}, s, command,
@@ -151,17 +161,11 @@ def sufficient_calibration_run(command: str = "python -m chapter11.experiments.e
     adds magnitude compared per output row (Wanda's group) beside magnitude per
     layer. Saved as `benchmarks/full/09_sufficient_calibration.json`.
     """
-    from ..data import pydoc_topics, text_tokens
-    from ..models import load_smollm
     from ..report import load_full_run, save_full_run
 
     s = SUFFICIENT_SETTINGS
     start = time.perf_counter()
-    model, tokenizer = load_smollm()
-    cal_tokens = text_tokens(tokenizer, pydoc_topics("calibration"))
-    eval_tokens = text_tokens(tokenizer, pydoc_topics("evaluation"), max_tokens=s["eval_tokens"] + 1)
-    if len(eval_tokens) != s["eval_tokens"] + 1:
-        raise ValueError(f"the evaluation half holds {len(eval_tokens) - 1} tokens, fewer than {s['eval_tokens']}")
+    model, cal_tokens, eval_tokens = _model_and_texts(s["eval_tokens"])
     window = s["eval_window"]
 
     def log(line: str) -> None:
