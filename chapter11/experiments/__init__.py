@@ -2,7 +2,7 @@
 
 Covers: one module per notebook that needs more than the method modules
 give it (`exp01_schedules`, `exp02_lottery`, `exp03_movement`, `exp04_heads`,
-`exp05_onnx`, `exp06_dynamic`, `exp08_kernels`, `exp09_oneshot`), each with
+`exp05_onnx`, `exp06_dynamic`, `exp07_channels`, `exp08_kernels`, `exp09_oneshot`), each with
 its settings, tasks, one-seed runs, grids, the functions that record runs
 into `benchmarks/full/` and a command line
 (`python -m chapter11.experiments.exp02_lottery --help`); `benchmarks`, the
