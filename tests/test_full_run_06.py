@@ -97,3 +97,37 @@ def test_a_live_seed_lies_inside_the_recorded_spread(record, sparsity, method):
     live = evaluate(model, test_loader)["accuracy"]
     recorded = record["results"]["MLP"][str(s["epochs"])][f"{sparsity}/{method}"]["accuracy"]
     assert min(recorded) - 0.03 <= live <= max(recorded) + 0.03, (live, recorded)
+
+
+@pytest.fixture(scope="module")
+def budget_record():
+    return load_full_run("06_budget_sweep")
+
+
+def test_budget_sweep_has_clean_provenance_and_the_notebooks_settings(budget_record):
+    from chapter11.experiments import MIN_RECORDED_SEEDS
+    from chapter11.experiments.exp06_dynamic import BUDGET_SETTINGS
+
+    assert "uncommitted" not in budget_record["commit"] and "forced" not in budget_record["commit"], budget_record["commit"]
+    s, nb = budget_record["settings"], _notebook_constants()
+    assert {k: v for k, v in s.items() if k != "seeds"} == BUDGET_SETTINGS
+    assert (s["batch"], s["lr"]) == (nb["BATCH"], nb["LR"]) and {k: s[k] for k in nb["SETTINGS"]} == nb["SETTINGS"]
+    assert s["mlp_epochs"][0] == nb["EPOCHS"] and s["mlp_epochs"][1:] == [3 * nb["EPOCHS"], 5 * nb["EPOCHS"]]
+    assert set(s["mlp_methods"]) == {"dense", *nb["METHODS"]} and len(s["seeds"]) >= MIN_RECORDED_SEEDS
+
+
+def test_budget_sweep_is_complete(budget_record):
+    from chapter11.experiments.exp06_dynamic import budget_differences
+
+    s, r = budget_record["settings"], budget_record["results"]
+    for arch in ("MLP", "CNN"):
+        a = arch.lower()
+        assert set(r[arch]) == {str(e) for e in s[f"{a}_epochs"]}
+        for table in r[arch].values():
+            keys = {"dense"} | {f"{sp}/{m}" for sp in s[f"{a}_sparsities"] for m in s[f"{a}_methods"] if m != "dense"}
+            assert set(table) == keys, arch
+            assert all(len(e["accuracy"]) == len(s["seeds"]) and 0 < e["training_flops"] <= 1 for e in table.values())
+            assert table["dense"]["training_flops"] == 1.0
+    diffs = budget_differences(budget_record)
+    assert set(diffs) == {(arch, e, sp) for arch in ("MLP", "CNN") for e in s[f"{arch.lower()}_epochs"] for sp in s[f"{arch.lower()}_sparsities"]}
+    assert all(set(d) == {"rigl - dense", "set - dense", "rigl - static", "rigl - set"} for d in diffs.values())

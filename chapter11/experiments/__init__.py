@@ -35,16 +35,21 @@ from pathlib import Path
 MIN_RECORDED_SEEDS = 8  # fewer seeds do not settle a comparison that three live seeds could not
 
 
-def driver_arguments(doc: str, default: int, argv=None, flags: Mapping[str, tuple[str, int]] | None = None):
+def driver_arguments(doc: str, default: int, argv=None, flags: Mapping[str, tuple[str, int]] | None = None, workers: bool = False):
     """A driver's command line: `--seeds N` as seeds 0..N-1 (at least 8), plus on/off `flags`.
 
     `flags` maps each flag to (its help, the default number of seeds when it
     is given): a flag that switches to another run may need another count.
+    With `workers`, also `--worker I/N` (one of N processes sharing a run's
+    log), parsed into `args.worker, args.workers` (0, 1 without it).
     Returns the parsed namespace, with `seeds` as a list.
 
     >>> args = driver_arguments("Demo.", 12, ["--other"], {"--other": ("the other run", 9)})
     >>> args.other, len(args.seeds)
     (True, 9)
+    >>> args = driver_arguments("Demo.", 8, ["--worker", "1/2"], workers=True)
+    >>> args.worker, args.workers
+    (1, 2)
     """
     import argparse
 
@@ -54,7 +59,17 @@ def driver_arguments(doc: str, default: int, argv=None, flags: Mapping[str, tupl
     parser.add_argument("--seeds", type=int, default=None, help=f"number of seeds, from 0 (default {default}{given})")
     for flag, (text, _) in flags.items():
         parser.add_argument(flag, action="store_true", help=text)
+    if workers:
+        parser.add_argument("--worker", default=None, metavar="I/N", help="run every N-th unit from the I-th and record nothing")
     args = parser.parse_args(argv)
+    if workers:
+        given = args.worker
+        try:
+            args.worker, args.workers = (int(v) for v in given.split("/")) if given else (0, 1)
+        except ValueError:
+            parser.error(f"--worker must be I/N with 0 <= I < N, got {given!r}")
+        if not 0 <= args.worker < args.workers:
+            parser.error(f"--worker must be I/N with 0 <= I < N, got {given!r}")
     if args.seeds is None:
         args.seeds = next((n for f, (_, n) in flags.items() if getattr(args, f.lstrip("-").replace("-", "_"))), default)
     if args.seeds < MIN_RECORDED_SEEDS:

@@ -9,9 +9,13 @@ order, checks that each run followed `chapter11.dynamic.density_schedule`
 and ended at its layer sparsities, and reports test accuracy and training
 FLOPs against dense. The methods themselves are `chapter11.dynamic`.
 
+And `budget_run` (`python -m chapter11.experiments.exp06_dynamic`,
+`benchmarks/full/06_budget_sweep.json`): every method at 1x, 3x and 5x the
+steps over 8 seeds, with `budget_differences` for the paired intervals.
+
 But: accuracy at the end of a fixed number of steps, not at a plateau; the
-budget is the same for every method, and notebook 06 says what more steps
-change.
+budget is the same for every method, and the budget sweep says what more
+steps change.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import append_jsonl, read_jsonl
+from . import append_jsonl, driver_arguments, read_jsonl
 from ..data import loaders, mnist1d
 from ..dynamic import (METHODS, TRAIN_METHODS, DynamicSparsity, GradualMagnitude, _schedule_steps, dense_macs, density_schedule,
                        layer_sparsities, random_masks, training_flops)
@@ -282,16 +286,12 @@ def budget_differences(record: dict, pairs=(("rigl", "dense"), ("set", "dense"),
     return out
 
 
-if __name__ == "__main__":  # python -m chapter11.experiments.exp06_dynamic [--worker I/N]: the recorded budget sweep
-    import argparse
+def main(argv=None) -> int:
+    """python -m chapter11.experiments.exp06_dynamic [--seeds N] [--worker I/N]: the recorded budget sweep."""
+    args = driver_arguments("Notebook 06's methods at 1x, 3x and 5x the steps, recorded over 8 seeds.", BUDGET_SEEDS, argv, workers=True)
+    budget_run(args.seeds, worker=args.worker, workers=args.workers)
+    return 0
 
-    from . import MIN_RECORDED_SEEDS
 
-    parser = argparse.ArgumentParser(description="Notebook 06's methods at 1x, 3x and 5x the steps, recorded over 8 seeds.")
-    parser.add_argument("--seeds", type=int, default=BUDGET_SEEDS, help=f"number of seeds, from 0 (default {BUDGET_SEEDS})")
-    parser.add_argument("--worker", default=None, help="I/N: run every N-th unit from the I-th and record nothing")
-    args = parser.parse_args()
-    if args.seeds < MIN_RECORDED_SEEDS:
-        parser.error(f"--seeds must be at least {MIN_RECORDED_SEEDS}: fewer do not settle the comparison")
-    worker, workers = (int(v) for v in args.worker.split("/")) if args.worker else (0, 1)
-    budget_run(range(args.seeds), worker=worker, workers=workers)
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from . import append_jsonl, read_jsonl
+from . import append_jsonl, driver_arguments, read_jsonl
 from ..data import loaders, mnist1d, validation_loader, with_validation
 from ..distill import distill
 from ..models import SmallCNN
@@ -207,18 +207,8 @@ def criterion_differences(record: dict, amount: float, reference: str = "random"
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    from . import MIN_RECORDED_SEEDS
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=SEEDS, help=f"number of seeds, from 0 (default {SEEDS})")
-    parser.add_argument("--worker", default=None, help="I/N: run every N-th seed from the I-th and record nothing")
-    args = parser.parse_args(argv)
-    if args.seeds < MIN_RECORDED_SEEDS:
-        parser.error(f"--seeds must be at least {MIN_RECORDED_SEEDS}: fewer do not settle the comparison")
-    worker, workers = (int(v) for v in args.worker.split("/")) if args.worker else (0, 1)
-    equal_budget_run(range(args.seeds), worker=worker, workers=workers)
+    args = driver_arguments(__doc__, SEEDS, argv, workers=True)
+    equal_budget_run(args.seeds, worker=args.worker, workers=args.workers)
     return 0
 
 
