@@ -16,7 +16,7 @@ batch-norm recalibration:
 - distillation against fine-tuning from the same recalibrated L1-pruned
   start, both 2 epochs, at 50% and 75%.
 
-    python -m chapter11.experiments.exp07_channels              # 8 seeds, about 15 min on one core
+    python -m chapter11.experiments.exp07_channels              # 8 seeds, about 20 min of runs on one core
     python -m chapter11.experiments.exp07_channels --worker 0/2  # one of two processes sharing the log
 
 `equal_budget_table` and `criterion_differences` summarise the record; the
