@@ -315,8 +315,7 @@ def save_full_run(name: str, results: dict, settings: dict, command: str, second
     the full commit, the exact `command`, the `settings` the run used, its
     wall time in `seconds` and the `results`; notebooks load it with
     `load_full_run(name)`; `provenance(record)` is the line to print above
-    what they plot (notebook 03 still prints a shortened commit until it is
-    next re-run).
+    what they plot.
 
     A record under `benchmarks/` must come from a clean commit: with
     uncommitted changes outside `benchmarks/` (`code_changes`) the run is written to `build/uncommitted_runs/`

@@ -11,7 +11,8 @@ notebook shows over its results (`chapter11.plots.Explorer`); and here, what eve
 repeats: the seeds of a recorded run (`seeds_from_command_line`, or
 `driver_arguments` with a driver's own switches) and the
 append-only JSON-lines logs that make long grids resumable (`append_jsonl`,
-`read_jsonl`). Recording a run and loading it back are
+`read_jsonl`; one log per worker process, `worker_log` and `read_logs`; and
+the loop over a run's units around them, `run_units`). Recording a run and loading it back are
 `chapter11.report.save_full_run` / `load_full_run` (the core: notebooks
 load records too), and a notebook's live seeds shift with
 `chapter11.train.offset_seeds`.
@@ -29,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
 MIN_RECORDED_SEEDS = 8  # fewer seeds do not settle a comparison that three live seeds could not
@@ -142,3 +143,63 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.write((json.dumps(record) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
+
+
+def worker_log(log_path: str | os.PathLike | None, worker: int, workers: int) -> Path | None:
+    """The log process `worker` of `workers` appends to: `log_path` itself, or `<stem>.w<worker>.jsonl` beside it.
+
+    `append_jsonl` allows one writer per file, so processes that share a
+    run each write their own log and read them all (`read_logs`).
+
+    >>> worker_log("build/grid.jsonl", 1, 2).name
+    'grid.w1.jsonl'
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1 or not 0 <= worker < workers:
+        raise ValueError(f"need 0 <= worker < workers, got worker={worker!r}, workers={workers!r}")
+    if workers > 1 and log_path is None:
+        raise ValueError("workers > 1 needs a log_path to share finished runs")
+    if log_path is None:
+        return None
+    log_path = Path(log_path)
+    return log_path if workers == 1 else log_path.with_name(f"{log_path.stem}.w{worker}.jsonl")
+
+
+def read_logs(log_path: str | os.PathLike) -> list[dict]:
+    """The records of `log_path` and of its worker logs (`<stem>.w<i>.jsonl` beside it), file by file."""
+    log_path = Path(log_path)
+    return [rec for path in sorted(log_path.parent.glob(log_path.stem + "*.jsonl")) for rec in read_jsonl(path)]
+
+
+def run_units(units: Sequence[Hashable], run_unit: Callable[[Hashable], dict], unit_of: Callable[[dict], Hashable],
+              log_path: str | os.PathLike, worker: int = 0, workers: int = 1,
+              describe: Callable[[dict], str] | None = None) -> dict | None:
+    """The resumable loop of a recorded run: run every unit no log holds yet, and return {unit: row}.
+
+    `run_unit(unit)` returns the unit's row (holding what `unit_of(row)`
+    needs to give the unit back); its wall time is added as "seconds" and
+    the row is appended to this process's log (`worker_log`), so a killed run
+    resumes where it stopped. With `workers` > 1 this process runs every
+    `workers`-th unit from `worker` and returns None; a last call with
+    workers=1 finds them all in the logs (RuntimeError if any is missing).
+    `describe(row)` is printed after each unit.
+    """
+    import time
+
+    own_log = worker_log(log_path, worker, workers)
+    done = {unit_of(row): row for row in read_logs(log_path)}
+    for i, unit in enumerate(units):
+        if unit in done or i % workers != worker:
+            continue
+        started = time.time()
+        row = run_unit(unit)
+        row["seconds"] = round(time.time() - started, 1)
+        append_jsonl(own_log, row)
+        done[unit] = row
+        if describe is not None:
+            print(describe(row), flush=True)
+    if workers > 1:
+        return None
+    missing = [u for u in units if u not in done]
+    if missing:
+        raise RuntimeError(f"{len(missing)} of {len(units)} units are in no log yet, e.g. {missing[0]!r}")
+    return {u: done[u] for u in units}

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from ..movement import (METHODS, MaskedLinear, _check_alpha, movement_scores, masked_layers, masked_sparsity, set_sparsity, soft_penalty,
                         wrap_linears)
 from ..sparsity import check_sparsity
-from . import append_jsonl, read_jsonl
+from . import append_jsonl, read_logs, worker_log
 
 # ---------------------------------------------------------------------------
 # The sign convention, worked on two weights
@@ -410,28 +410,6 @@ def run_one(task: DocstringTask, settings: GridSettings, method: str | None, spa
     }
 
 
-def _worker_log(log_path, worker: int, workers: int):
-    """The log process `worker` of `workers` appends to: `log_path` itself, or `<stem>.w<worker>.jsonl` beside it."""
-    from pathlib import Path
-
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1 or not 0 <= worker < workers:
-        raise ValueError(f"need 0 <= worker < workers, got worker={worker!r}, workers={workers!r}")
-    if workers > 1 and log_path is None:
-        raise ValueError("workers > 1 needs a log_path to share finished runs")
-    if log_path is None:
-        return None
-    log_path = Path(log_path)
-    return log_path if workers == 1 else log_path.with_name(f"{log_path.stem}.w{worker}.jsonl")
-
-
-def _read_logs(log_path) -> dict[str, dict]:
-    """Finished runs from `log_path` and its worker logs (`<stem>.w<i>.jsonl` next to it)."""
-    from pathlib import Path
-
-    log_path = Path(log_path)
-    return {rec["key"]: rec for path in sorted(log_path.parent.glob(log_path.stem + "*.jsonl")) for rec in read_jsonl(path)}
-
-
 def run_grid(settings: GridSettings = GridSettings(), log_path=None, progress=print, worker: int = 0,
              workers: int = 1, poll_s: float = 30.0) -> dict:
     """Run Experiment 3's grid; returns {"penalty", "penalty_search", "dense_long", "runs"}.
@@ -453,8 +431,8 @@ def run_grid(settings: GridSettings = GridSettings(), log_path=None, progress=pr
 
     from ..models import load_minilm
 
-    own_log = _worker_log(log_path, worker, workers)
-    done = _read_logs(log_path) if log_path is not None else {}
+    own_log = worker_log(log_path, worker, workers)
+    done = {rec["key"]: rec for rec in read_logs(log_path)} if log_path is not None else {}
     _, tokenizer = load_minilm()
     task = docstring_task(tokenizer, max_length=settings.max_length, max_per_class=settings.max_per_class,
                           test_per_class=settings.test_per_class, val_per_class=settings.val_per_class)
@@ -476,7 +454,7 @@ def run_grid(settings: GridSettings = GridSettings(), log_path=None, progress=pr
 
     def chosen_penalty(wait: bool):
         while True:
-            found = {**_read_logs(log_path), **done} if log_path is not None else done
+            found = {**{rec["key"]: rec for rec in read_logs(log_path)}, **done} if log_path is not None else done
             search = [found.get(key("soft", settings.penalty_sparsity, first, lam, None)) for lam in settings.penalties]
             if all(search):
                 return max(search, key=lambda r: (r["val"], -r["penalty"]))["penalty"], search  # ties: smaller lambda
@@ -675,8 +653,8 @@ def ablation_run(worker: int = 0, workers: int = 1, methods: Sequence[str] = ABL
     settings = {"grid": base.as_dict(), "sparsity": ABLATION_SPARSITY, "variants": variants, "methods": list(methods), "seeds": list(seeds)}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]  # one log per setting, never mixed
     log_path = FULL_RUNS.parent.parent / "build" / f"{ABLATION_NAME}.{digest}.runs.jsonl"
-    own_log = _worker_log(log_path, worker, workers)
-    done = {(r["variant"], r["method"], r["seed"]): r for r in _read_logs(log_path).values()}
+    own_log = worker_log(log_path, worker, workers)
+    done = {(r["variant"], r["method"], r["seed"]): r for r in read_logs(log_path)}
     plan = ablation_plan(methods, seeds)
     _, tokenizer = load_minilm()
     task = docstring_task(tokenizer, max_length=base.max_length, max_per_class=base.max_per_class,

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import append_jsonl, driver_arguments, read_jsonl
+from . import driver_arguments, run_units
 from ..data import loaders, mnist1d
 from ..dynamic import (METHODS, TRAIN_METHODS, DynamicSparsity, GradualMagnitude, _schedule_steps, dense_macs, density_schedule,
                        layer_sparsities, random_masks, training_flops)
@@ -236,30 +236,31 @@ def budget_run(seeds=range(BUDGET_SEEDS), worker: int = 0, workers: int = 1, log
     might separate. Each (model, epochs, seed) is one `compare_methods` call
     (same initial weights and batches for every method of a seed), logged to
     JSON lines so a killed run resumes; with `workers` > 1 this process runs
-    every `workers`-th unit from `worker` and records nothing. Results have
+    every `workers`-th unit from `worker`, into its own log, and records
+    nothing (`run_units`). Results have
     the layout of the 06_dynamic_sparsity record: {model: {epochs: {"dense" or
     "<sparsity>/<method>": {"accuracy": [per seed], "training_flops"}}}}.
     """
     started = time.time()
     torch.set_num_threads(1)
     s, seeds = BUDGET_SETTINGS, list(seeds)
-    log = Path(log) if log is not None else Path("build") / f"{BUDGET_RUN_NAME}.jsonl"
-    done = {(r["arch"], r["epochs"], r["seed"]): r for r in read_jsonl(log)}
     split = mnist1d()
     models = {"MLP": LeNet300100, "CNN": lambda: SmallCNN(dims=1)}
     schedule = {k: s[k] for k in _SCHEDULE_KEYS}
-    for i, (arch, epochs, seed) in enumerate(_budget_units(seeds)):
-        if (arch, epochs, seed) in done or i % workers != worker:
-            continue
-        t0 = time.time()
+
+    def run_unit(unit):
+        arch, epochs, seed = unit
         table, _ = compare_methods(models[arch], split, s[f"{arch.lower()}_methods"], s[f"{arch.lower()}_sparsities"], [seed], epochs,
                                    s["batch"], s["lr"], s["distribution"], **schedule)
-        row = {"arch": arch, "epochs": epochs, "seed": seed, "table": table, "seconds": round(time.time() - t0, 1)}
-        append_jsonl(log, row)
-        done[arch, epochs, seed] = row
-        print(f"{arch} {epochs} epochs, seed {seed}: {row['seconds']:.0f} s, " +
-              ", ".join(f"{k} {v['accuracy'][0]:.3f}" for k, v in table.items()), flush=True)
-    if workers > 1:
+        return {"arch": arch, "epochs": epochs, "seed": seed, "table": table}
+
+    def describe(row):
+        return (f"{row['arch']} {row['epochs']} epochs, seed {row['seed']}: {row['seconds']:.0f} s, "
+                + ", ".join(f"{k} {v['accuracy'][0]:.3f}" for k, v in row["table"].items()))
+
+    done = run_units(_budget_units(seeds), run_unit, lambda row: (row["arch"], row["epochs"], row["seed"]),
+                     log if log is not None else Path("build") / f"{BUDGET_RUN_NAME}.jsonl", worker, workers, describe)
+    if done is None:
         return None
     results: dict = {"seconds_per_unit": {}}
     for arch, epochs, seed in _budget_units(seeds):

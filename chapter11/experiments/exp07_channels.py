@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from . import append_jsonl, driver_arguments, read_jsonl
+from . import driver_arguments, run_units
 from ..data import loaders, mnist1d, validation_loader, with_validation
 from ..distill import distill
 from ..models import SmallCNN
@@ -95,11 +95,11 @@ def run_seed(seed: int, split=None) -> dict:
             out["epochs"][key] = epochs
 
     score("dense", dense, budget)
-    widths = {}
+    widths, scores = {}, {}
     for crit in s["criteria"]:
-        scores = channel_scores(dense, crit, batches=train_loader, max_batches=10, seed=seed)
+        scores[crit] = channel_scores(dense, crit, batches=train_loader, max_batches=10, seed=seed)
         for amount in s["amounts"]:
-            small = remove_channels(dense, plan_by_scores(scores, amount))
+            small = remove_channels(dense, plan_by_scores(scores[crit], amount))
             recalibrate_batchnorm(small, train_loader, max_batches=s["recal_batches"])
             widths[amount] = (small.conv1.out_channels, small.conv2.out_channels, small.conv3.out_channels)
             short, long = copy.deepcopy(small), small
@@ -111,7 +111,7 @@ def run_seed(seed: int, split=None) -> dict:
             score(f"ft-es {crit} {amount}", long, result.epochs_run)
     d = s["distill"]
     for amount in d["amounts"]:
-        student = remove_channels(dense, plan_by_scores(channel_scores(dense, d["criterion"]), amount))
+        student = remove_channels(dense, plan_by_scores(scores[d["criterion"]], amount))
         recalibrate_batchnorm(student, train_loader, max_batches=s["recal_batches"])
         seed_everything(seed + 100)
         distill(student, dense, train_loader, epochs=s["short_epochs"], lr=s["finetune_lr"], temperature=d["temperature"], alpha=d["alpha"],
@@ -134,27 +134,23 @@ def equal_budget_run(seeds=range(SEEDS), worker: int = 0, workers: int = 1, log:
     """Run `run_seed` for every seed (resumable JSON-lines log) and record benchmarks/full/07_equal_budget.json.
 
     With `workers` > 1 this process runs only the seeds with index % workers
-    == worker and records nothing; a last call with workers=1 finds them all
-    in the log and records. Returns {"seeds", "dense_epochs", "macs", "val",
+    == worker, into its own log, and records nothing; a last call with
+    workers=1 finds them all in the logs and records (`run_units`). Returns {"seeds", "dense_epochs", "macs", "val",
     "test", "epochs"} with one value per seed for every key.
     """
     started = time.time()
     torch.set_num_threads(1)
     seeds = list(seeds)
-    log = Path(log) if log is not None else Path("build") / f"{RUN_NAME}.jsonl"
-    done = {r["seed"]: r for r in read_jsonl(log)}
     split = _split()
-    for i, seed in enumerate(seeds):
-        if seed in done or i % workers != worker:
-            continue
-        t0 = time.time()
-        row = {"seed": seed, **run_seed(seed, split), "seconds": round(time.time() - t0, 1)}
-        append_jsonl(log, row)
-        done[seed] = row
-        print(f"seed {seed}: {row['seconds']:.0f} s, dense {row['test']['dense']:.3f}, " + ", ".join(
+
+    def describe(row):
+        return f"seed {row['seed']}: {row['seconds']:.0f} s, dense {row['test']['dense']:.3f}, " + ", ".join(
             f"{a}: ft-es best {max(row['test'][f'ft-es {c} {a}'] for c in SETTINGS['criteria']):.3f} scratch-e {row['test'][f'scratch-e {a}']:.3f} "
-            f"scratch-b {row['test'][f'scratch-b {a}']:.3f}" for a in SETTINGS["amounts"]), flush=True)
-    if workers > 1:
+            f"scratch-b {row['test'][f'scratch-b {a}']:.3f}" for a in SETTINGS["amounts"])
+
+    done = run_units(seeds, lambda seed: {"seed": seed, **run_seed(seed, split)}, lambda row: row["seed"],
+                     log if log is not None else Path("build") / f"{RUN_NAME}.jsonl", worker, workers, describe)
+    if done is None:
         return None
     rows = [done[seed] for seed in seeds]
     results = {"seeds": seeds, "dense_epochs": [r["dense_epochs"] for r in rows], "seconds_per_seed": [r["seconds"] for r in rows],
