@@ -12,6 +12,7 @@ SparseGPT on 64 x 128 calibration tokens against a 16k-token held-out text:
 
     python -m chapter11.experiments.exp09_oneshot ablation
     python -m chapter11.experiments.exp09_oneshot sufficient
+    python -m chapter11.experiments.exp09_oneshot sparsegpt-curve   # SparseGPT from 1 to 64 sequences
 
 But: perplexity on one held-out text (pydoc topics) and one model; the
 calibration seeds vary the sample, not the text it is drawn from.
@@ -123,23 +124,37 @@ ABLATION_SETTINGS = {"method": "wanda", "sparsity": 0.5, "seq_len": 128, "eval_t
                      "sizes": [32, 64], "seeds": [0, 1, 2]}
 
 
-def ablation_run(command: str = "python -m chapter11.experiments.exp09_oneshot ablation") -> dict:
-    """The recorded run behind notebook 09's largest calibration sizes (32 and 64 sequences, three seeds).
+SPARSEGPT_CURVE_RUN_NAME = "09_sparsegpt_calibration"
+# SparseGPT's calibration curve: the Wanda curve's sizes, seeds, samples and evaluation, so the two pair up per size and seed.
+SPARSEGPT_CURVE_SETTINGS = {"method": "sparsegpt", "sparsity": 0.5, "seq_len": 128, "eval_tokens": 1024,
+                            "sizes": [1, 4, 8, 16, 32, 64], "seeds": [0, 1, 2]}
+
+
+def ablation_run(command: str = "python -m chapter11.experiments.exp09_oneshot ablation", name: str = ABLATION_RUN_NAME,
+                 settings: dict = ABLATION_SETTINGS) -> dict:
+    """A recorded calibration curve: by default notebook 09's largest Wanda sizes (32 and 64 sequences, three seeds).
 
     Too slow for the notebook's budget, so it is run once and saved with
-    `save_full_run` as `benchmarks/full/09_calibration_ablation.json`; the
-    notebook loads it beside the sizes it runs itself.
+    `save_full_run` as `benchmarks/full/<name>.json`; the notebook loads it
+    beside the sizes it runs itself. With `SPARSEGPT_CURVE_RUN_NAME` and
+    `SPARSEGPT_CURVE_SETTINGS` it records SparseGPT from 1 to 64 sequences on
+    the same samples (`... exp09_oneshot sparsegpt-curve`).
     """
     from ..report import load_full_run, save_full_run
 
-    s = ABLATION_SETTINGS
+    s = settings
     start = time.perf_counter()
     model, cal_tokens, eval_tokens = _model_and_texts(s["eval_tokens"])
     ppl = calibration_ablation(model, cal_tokens, eval_tokens, s["sizes"], s["seeds"], method=s["method"],
                                sparsity=s["sparsity"], seq_len=s["seq_len"], progress_bar=False)
-    save_full_run(ABLATION_RUN_NAME, {"perplexity": {str(k): v for k, v in ppl.items()}}, s, command,
-                  time.perf_counter() - start)
-    return load_full_run(ABLATION_RUN_NAME)
+    save_full_run(name, {"perplexity": {str(k): v for k, v in ppl.items()}}, s, command, time.perf_counter() - start)
+    return load_full_run(name)
+
+
+def sparsegpt_curve_run() -> dict:
+    """SparseGPT at 50% from 1 to 64 calibration sequences, three seeds: record 09_sparsegpt_calibration.json."""
+    return ablation_run("python -m chapter11.experiments.exp09_oneshot sparsegpt-curve", SPARSEGPT_CURVE_RUN_NAME,
+                        SPARSEGPT_CURVE_SETTINGS)
 
 
 SUFFICIENT_RUN_NAME = "09_sufficient_calibration"
@@ -301,11 +316,11 @@ def layer_means(values: dict[str, float], by: str = "projection") -> dict:
     return {key: sum(v) / len(v) for key, v in groups.items()}
 
 
-if __name__ == "__main__":  # python -m chapter11.experiments.exp09_oneshot ablation|sufficient: the recorded runs
+if __name__ == "__main__":  # python -m chapter11.experiments.exp09_oneshot ablation|sufficient|sparsegpt-curve: the recorded runs
     import sys
 
     torch.set_num_threads(2)
-    runs = {"ablation": ablation_run, "sufficient": sufficient_calibration_run}
+    runs = {"ablation": ablation_run, "sufficient": sufficient_calibration_run, "sparsegpt-curve": sparsegpt_curve_run}
     if len(sys.argv) != 2 or sys.argv[1] not in runs:
-        raise SystemExit("usage: python -m chapter11.experiments.exp09_oneshot ablation|sufficient")
+        raise SystemExit(f"usage: python -m chapter11.experiments.exp09_oneshot {'|'.join(runs)}")
     runs[sys.argv[1]]()
