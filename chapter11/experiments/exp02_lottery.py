@@ -106,7 +106,8 @@ def deep_run(seeds=range(DEEP_SEEDS), worker: int = 0, workers: int = 1, log=Non
     resumes), then `prune_finetune` from the search's trained dense network.
     Units are logged to JSON lines (`run_units`; with `workers` > 1 this
     process runs every `workers`-th unit and records nothing). Results:
-    {model: {"accuracy" and "early_stop_step": seed_table layout with runs
+    {model: {"accuracy", "early_stop_step" and "stopped_early" (False: the run
+    reached the epoch limit still improving): seed_table layout with runs
     ticket, reinit, random_mask, finetune}}.
     """
     started = time.time()
@@ -124,11 +125,9 @@ def deep_run(seeds=range(DEEP_SEEDS), worker: int = 0, workers: int = 1, log=Non
         dense.load_state_dict(torch.load(path / "round_0.pt", map_location="cpu", weights_only=True)["state"])
         tuned = prune_finetune(dense, data, config, progress_bar=False)
         row = {"model": name, "seed": seed, "density": [rec["density"] for rec in search.rounds]}
-        for key in ("early_stop_accuracy", "early_stop_step"):
+        for key in ("early_stop_accuracy", "early_stop_step", "stopped_early"):
             row[key] = {run: [rec["runs"].get(run, rec["runs"]["ticket"])[key] for rec in search.rounds] for run in RUNS}
             row[key]["finetune"] = [search.rounds[0]["runs"]["ticket"][key]] + [rec[key] for rec in tuned]
-        row["stopped_early"] = all(run["stopped_early"] for rec in search.rounds for run in rec["runs"].values()) and all(
-            rec["stopped_early"] for rec in tuned)
         return row
 
     def describe(row):
@@ -143,8 +142,8 @@ def deep_run(seeds=range(DEEP_SEEDS), worker: int = 0, workers: int = 1, log=Non
     results: dict = {"seconds_per_unit": {f"{m} {s}": done[m, s]["seconds"] for m, s in units}}
     for name in DEEP_CONFIGS:
         rows = [done[name, s] for s in seeds]
-        results[name] = {"stopped_early": [row["stopped_early"] for row in rows]}
-        for key, out in (("early_stop_accuracy", "accuracy"), ("early_stop_step", "early_stop_step")):
+        results[name] = {}
+        for key, out in (("early_stop_accuracy", "accuracy"), ("early_stop_step", "early_stop_step"), ("stopped_early", "stopped_early")):
             table = {"density": rows[0]["density"], "seeds": seeds}
             for run in DEEP_RUNS:
                 table[run] = [[row[key][run][i] for row in rows] for i in range(len(rows[0]["density"]))]
