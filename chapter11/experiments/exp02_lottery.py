@@ -113,7 +113,7 @@ def deep_run(seeds=range(DEEP_SEEDS), worker: int = 0, workers: int = 1, log=Non
     started = time.time()
     torch.set_num_threads(1)
     seeds, data, folder = list(seeds), mnist1d(), Path("build") / DEEP_RUN_NAME
-    units = [(model, seed) for seed in seeds for model in DEEP_CONFIGS]
+    units = [(model, seed) for model in DEEP_CONFIGS for seed in seeds]   # model-major: two workers share the long Transformer units
 
     def run_unit(unit):
         name, seed = unit
