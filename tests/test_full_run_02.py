@@ -119,3 +119,30 @@ def test_notebook_mlp_settings_match_the_recorded_driver():
     source = "".join("".join(c["source"]) for c in json.loads((Path(__file__).resolve().parent.parent / "notebooks" / "02_lottery_ticket.ipynb").read_text())["cells"])
     cfg = exp02_lottery.MLP_CONFIG
     assert f"prune_fraction=0.2 if FULL else {cfg.prune_fraction}" in source and f"rounds=10 if FULL else {cfg.rounds}" in source
+
+
+def test_deep_record_is_clean_complete_and_matches_its_driver(notebook):
+    """benchmarks/full/02_lottery_deep.json: both models down to about 2% remaining, four networks per round."""
+    from chapter11.experiments import MIN_RECORDED_SEEDS, exp02_lottery
+
+    rec = exp02_lottery.load_deep()
+    assert "uncommitted" not in rec["commit"] and len(rec["commit"]) == 40
+    assert rec["command"] == "python -m chapter11.experiments.exp02_lottery --deep"
+    configs = {k: c.to_json() for k, c in exp02_lottery.DEEP_CONFIGS.items()}
+    assert rec["settings"]["configs"] == configs and len(rec["settings"]["seeds"]) >= MIN_RECORDED_SEEDS
+    # the same Transformer and MLP as the notebook, pruned for more rounds
+    source, outputs = notebook
+    printed = json.loads(re.search(r"settings \(the recorded run must use the same\): (\{.*\})", outputs).group(1))
+    assert {**configs["transformer"], "rounds": printed["rounds"], "controls": printed["controls"]} == printed
+    assert {**configs["mlp"], "rounds": exp02_lottery.MLP_CONFIG.rounds} == {**exp02_lottery.MLP_CONFIG.to_json(), "seed": 0, "data_seed": 0}
+    for name, config in exp02_lottery.DEEP_CONFIGS.items():
+        expected = [1 - s for s in sparsity_schedule(config.prune_fraction, config.rounds)]
+        assert expected[-1] < 0.02
+        for key in ("accuracy", "early_stop_step"):
+            table = rec["results"][name][key]
+            assert table["seeds"] == rec["settings"]["seeds"] and table["density"] == pytest.approx(expected, abs=1e-3)
+            for run in exp02_lottery.DEEP_RUNS:
+                assert len(table[run]) == len(expected) and all(len(row) == len(table["seeds"]) for row in table[run])
+                assert table[run][0] == table["ticket"][0]  # round 0 is the one dense run
+        assert all(0.0 <= v <= 1.0 for run in exp02_lottery.DEEP_RUNS for row in rec["results"][name]["accuracy"][run] for v in row)
+    assert "load_deep()" in source
