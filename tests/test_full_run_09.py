@@ -136,3 +136,20 @@ def test_sufficient_calibration_record_is_clean_complete_and_matches_its_driver(
             for method in ("wanda", "sparsegpt"):
                 values = ppl[f"{method} {p} {size}x{s['seq_len']}"]
                 assert len(values) == len(s["seeds"]) and all(rec["results"]["dense"] < v < 1e4 for v in values)
+
+
+def test_sparsegpt_curve_record_is_clean_and_pairs_with_the_wanda_curve(recorded):
+    """benchmarks/full/09_sparsegpt_calibration.json: SparseGPT from 1 to 64 sequences on the Wanda curve's samples."""
+    from chapter11.experiments.exp09_oneshot import ABLATION_RUN_NAME, SPARSEGPT_CURVE_RUN_NAME, SPARSEGPT_CURVE_SETTINGS
+
+    rec = load_full_run(SPARSEGPT_CURVE_RUN_NAME)
+    assert "uncommitted" not in rec["commit"] and len(rec["commit"]) == 40
+    s, wanda = rec["settings"], load_full_run(ABLATION_RUN_NAME)["settings"]
+    assert s == SPARSEGPT_CURVE_SETTINGS and s["method"] == "sparsegpt"
+    for key in ("sparsity", "seq_len", "eval_tokens", "seeds"):   # what makes the two curves pair up by size and seed
+        assert s[key] == wanda[key], key
+    sizes = {str(k) for k in s["sizes"]}
+    assert sizes <= set(recorded["results"]["calibration_ablation"]) | {str(k) for k in wanda["sizes"]}
+    ppl = rec["results"]["perplexity"]
+    assert set(ppl) == sizes and all(len(v) == len(s["seeds"]) and all(recorded["results"]["dense"] < x < 1e4 for x in v) for v in ppl.values())
+    assert "SPARSEGPT_CURVE_RUN_NAME" in NOTEBOOK.read_text()
