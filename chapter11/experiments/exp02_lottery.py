@@ -17,7 +17,7 @@ fine-tune reference: the trained network of the previous round pruned to the
 same sparsity and trained on from its trained weights, no rewinding, with the
 same early stopping (Renda et al.'s "fine-tuning" baseline).
 
-    python -m chapter11.experiments.exp02_lottery --deep [--worker I/N]   # about 40 min of single-core runs
+    python -m chapter11.experiments.exp02_lottery --deep [--worker I/N]   # about 55 min of single-core runs
 
 But: one dataset draw (`mnist1d()`, `data_seed=0`); the live notebook
 shifts its seeds with `CH11_SEED_OFFSET` and is checked against this spread.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,8 +41,8 @@ from ..lottery import LotteryConfig, batches, find_ticket, find_tickets, holdout
 from ..magnitude import global_magnitude_masks
 from ..masks import apply_masks
 from ..models import LeNet300100, TransformerClassifier
-from ..train import seed_everything
 from ..report import load_full_run, save_full_run
+from ..train import seed_everything
 
 RUN_NAME = "02_lottery_mlp_seeds"
 SEEDS = list(range(12))
