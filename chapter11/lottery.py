@@ -62,7 +62,7 @@ from .train import evaluate, model_device, progress, seed_everything
 __all__ = [
     "LotteryConfig", "LotteryResult", "sparsity_schedule_loop", "sparsity_schedule", "snapshot", "rewind_loop",
     "rewind", "rewind_error", "random_masks_loop", "random_masks", "early_stop_loop", "early_stop", "holdout",
-    "batches", "train_run", "find_ticket", "find_tickets", "seed_curve", "seed_table", "load_lottery", "CONTROLS",
+    "batches", "train_run", "search_loaders", "find_ticket", "find_tickets", "seed_curve", "seed_table", "load_lottery", "CONTROLS",
     "RUNS",
 ]
 
@@ -577,6 +577,24 @@ def _masked_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
     return 1.0 - kept / total
 
 
+def search_loaders(data: Split, config: LotteryConfig) -> tuple[Callable[[], tuple[DataLoader, DataLoader]], DataLoader]:
+    """(fresh, test_loader) of a search: `fresh()` builds new training and validation loaders.
+
+    The training set of `data` loses `config.val_size` examples to the
+    validation set (`holdout`, `config.data_seed`); a new pair of loaders per
+    run means every run sees the same batch order, resumed or not. Anything
+    trained beside a search (a control, a fine-tuning reference) uses these
+    loaders to see the same data in the same order.
+    """
+    train_part, _ = holdout(data, config.val_size, seed=config.data_seed)
+
+    def fresh() -> tuple[DataLoader, DataLoader]:
+        return (batches(train_part.X_train, train_part.y_train, config.batch_size, seed=config.data_seed),
+                batches(train_part.X_test, train_part.y_test, 512))
+
+    return fresh, batches(data.X_test, data.y_test, 512)
+
+
 def find_ticket(
     model_fn: Callable[[], nn.Module],
     data: Split,
@@ -601,15 +619,9 @@ def find_ticket(
     if not isinstance(data, Split):
         raise TypeError(f"data must be a chapter11.data.Split, got {type(data).__name__}")
     path = Path(path) if path is not None else None
-    train_part, _ = holdout(data, config.val_size, seed=config.data_seed)
-    test_loader = batches(data.X_test, data.y_test, 512)
+    fresh_loaders, test_loader = search_loaders(data, config)
     schedule = sparsity_schedule(config.prune_fraction, config.rounds)
     mask_fn = global_magnitude_masks if config.scope == "global" else layerwise_magnitude_masks
-
-    def fresh_loaders():
-        # a new loader per run: every run sees the same batch order, resumed or not
-        return (batches(train_part.X_train, train_part.y_train, config.batch_size, seed=config.data_seed),
-                batches(train_part.X_test, train_part.y_test, 512))
 
     def build(seed: int) -> nn.Module:
         seed_everything(seed)

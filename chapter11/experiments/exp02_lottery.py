@@ -37,7 +37,7 @@ import torch
 
 from . import driver_arguments, run_units
 from ..data import mnist1d
-from ..lottery import LotteryConfig, batches, find_ticket, find_tickets, holdout, seed_table, sparsity_schedule, train_run
+from ..lottery import LotteryConfig, find_ticket, find_tickets, search_loaders, seed_table, sparsity_schedule, train_run
 from ..magnitude import global_magnitude_masks
 from ..masks import apply_masks
 from ..models import LeNet300100, TransformerClassifier
@@ -84,13 +84,11 @@ def prune_finetune(model, data, config: LotteryConfig, progress_bar: bool | None
     lowest, so masks only shrink) and trains it on from its trained weights,
     with the data, batch order, learning rate and early stopping of the search.
     """
-    train_part, _ = holdout(data, config.val_size, seed=config.data_seed)
-    test_loader = batches(data.X_test, data.y_test, 512)
+    fresh_loaders, test_loader = search_loaders(data, config)
     records = []
     for r, target in enumerate(sparsity_schedule(config.prune_fraction, config.rounds)[1:], start=1):
         apply_masks(model, global_magnitude_masks(model, target, config.exclude))
-        loaders = (batches(train_part.X_train, train_part.y_train, config.batch_size, seed=config.data_seed),
-                   batches(train_part.X_test, train_part.y_test, 512))
+        loaders = fresh_loaders()
         seed_everything(config.seed + r)
         run, _ = train_run(model, *loaders, test_loader, config, progress_bar=progress_bar, desc=f"round {r} fine-tune")
         records.append({"target_sparsity": target, **run})
