@@ -431,8 +431,11 @@ def run_grid(settings: GridSettings = GridSettings(), log_path=None, progress=pr
 
     from ..models import load_minilm
 
+    def logged() -> dict[str, dict]:  # every run any worker has logged so far, by key
+        return {rec["key"]: rec for rec in read_logs(log_path)} if log_path is not None else {}
+
     own_log = worker_log(log_path, worker, workers)
-    done = {rec["key"]: rec for rec in read_logs(log_path)} if log_path is not None else {}
+    done = logged()
     _, tokenizer = load_minilm()
     task = docstring_task(tokenizer, max_length=settings.max_length, max_per_class=settings.max_per_class,
                           test_per_class=settings.test_per_class, val_per_class=settings.val_per_class)
@@ -454,7 +457,7 @@ def run_grid(settings: GridSettings = GridSettings(), log_path=None, progress=pr
 
     def chosen_penalty(wait: bool):
         while True:
-            found = {**{rec["key"]: rec for rec in read_logs(log_path)}, **done} if log_path is not None else done
+            found = {**logged(), **done}
             search = [found.get(key("soft", settings.penalty_sparsity, first, lam, None)) for lam in settings.penalties]
             if all(search):
                 return max(search, key=lambda r: (r["val"], -r["penalty"]))["penalty"], search  # ties: smaller lambda
