@@ -82,6 +82,7 @@ def test_live_minilm_results_lie_inside_the_recorded_spread(grid):
 def test_lm_record_matches_settings_and_is_complete(lm):
     s = ex3.LMSettings()
     assert lm["settings"] == s.as_dict()
+    assert "uncommitted" not in lm["commit"] and len(lm["commit"]) == 40, lm["commit"]  # recorded from a clean commit
     runs = lm["results"]["runs"]
     _assert_every_run_is_there(runs, s)
     for r in runs:
