@@ -27,7 +27,7 @@ from chapter11.structured.llm import (
     remove_blocks,
     remove_neurons,
 )
-from chapter11.experiments.exp04_heads import measure_speed, time_by_part
+from chapter11.experiments.exp04_heads import CUTS, MATCHED_CUTS, measure_speed, structured_cut, time_by_part
 
 torch.set_num_threads(2)
 
@@ -249,9 +249,29 @@ def test_time_by_part_and_measure_speed():
     assert len(cpu["prefill_rounds"]["small"]) == 3 and all(r > 0 for r in cpu["decode_rounds"]["small"])
     assert cpu["prefill_speedup"]["small"] == pytest.approx(
         sorted(cpu["prefill"]["times"]["dense"])[1] / sorted(cpu["prefill"]["times"]["small"])[1])
+    batch = _ids(b=3, t=12)
+    only = measure_speed({"dense": model, "small": small}, x, x[:, :4], repeats=2, warmup=0, batch_prompt=batch,
+                         measures=("prefill_batch",))
+    assert set(only) == {"prefill_batch", "prefill_batch_speedup", "prefill_batch_rounds"}  # decoding not timed
+    assert only["prefill_batch_speedup"]["dense"] == 1.0 and len(only["prefill_batch"]["times"]["small"]) == 2
     with pytest.raises(ValueError, match="prompt"):
         measure_speed({"dense": model}, x[0], x)
+    with pytest.raises(ValueError, match="batch_prompt"):
+        measure_speed({"dense": model}, x, x, measures=("prefill_batch",))
+    with pytest.raises(ValueError, match="measures"):
+        measure_speed({"dense": model}, x, x, measures=("prefill", "latency"))
     with pytest.raises(ValueError, match="clock"):
         measure_speed({"dense": model}, x, x, clock="gpu")
     with pytest.raises(ValueError, match="threads"):
         measure_speed({"dense": model}, x, x, threads=0)
+
+
+def test_structured_cut_refuses_other_models_and_names():
+    model = _model()
+    with pytest.raises(ValueError, match="model: the cuts of the recorded run are sized for SmolLM2-135M"):
+        structured_cut(model, CUTS[0], {})
+    model.config.num_hidden_layers, model.config.num_attention_heads, model.config.num_key_value_heads = 30, 9, 3
+    model.config.intermediate_size = 1536
+    with pytest.raises(ValueError, match="name: unknown cut"):
+        structured_cut(model, "heads: all of them", {})
+    assert set(MATCHED_CUTS) < set(CUTS) and len(set(CUTS)) == len(CUTS)
