@@ -12,7 +12,7 @@ results take them as arguments.
     01        schedules_explorer       sparsity x schedule                    the notebook's equal-budget sweep (+ a model)
     02        lottery_explorer         weights remaining                      benchmarks/full/02_lottery_mlp_seeds.json
     03        movement_explorer        criterion x sparsity                   benchmarks/full/03_movement_vs_magnitude.json
-    04        structured_llm_explorer  kind x amount of cut                   benchmarks/full/04_llm_structured.json
+    04        structured_llm_explorer  cut                                    benchmarks/full/04_llm_structured.json
     05        onnx_explorer            sparsity x batch                       the notebook's accuracies, sizes and timings
     06        dynamic_explorer         method x sparsity x budget             benchmarks/full/06_dynamic_sparsity.json
     07        channels_explorer        criterion x filters removed            the notebook's accuracies per stage and seed
@@ -192,54 +192,63 @@ def movement_explorer(record: Mapping | None = None) -> Explorer:
 # --------------------------------------------------------------------------- 04
 
 
-def _kind_and_amount(config: str) -> tuple[str, str]:
-    kind, _, amount = config.partition(": ")
-    return kind, amount
+def _kind(cut: str) -> str:
+    return cut.partition(": ")[0]
 
 
 def structured_llm_explorer(record: Mapping | None = None) -> Explorer:
-    """Notebook 04: pick a kind of structured cut and its amount; perplexity and the predicted and measured speedups."""
+    """Notebook 04: pick a recorded structured cut; its perplexity before and after recovery, and its speedups.
+
+    Perplexities are mean ± sd over the record's calibration draws; measured
+    speedups are the median of the per-round ratios with their interquartile
+    range (one-thread CPU clock).
+    """
     record = record or load_full_run("04_llm_structured")
-    res = record["results"]
-    configs = list(record["settings"]["configs"])
-    kinds = list(dict.fromkeys(_kind_and_amount(c)[0] for c in configs))  # in the record's order, once each
-    amounts = {k: [_kind_and_amount(c)[1] for c in configs if _kind_and_amount(c)[0] == k] for k in kinds}
-    params = {c: res["removed_params"][c] for c in configs}
+    res, settings = record["results"], record["settings"]
+    from .exp04_heads import CUTS
 
-    def config_of(kind, amount):
-        ordered = sorted(amounts[kind], key=lambda a: params[f"{kind}: {a}"])
-        return f"{kind}: {ordered[0 if amount == 'smaller' else -1]}"
+    cuts = sorted(res["cuts"], key=lambda c: CUTS.index(c) if c in CUTS else len(CUTS))  # the driver's order (JSON sorts keys)
+    kinds = list(dict.fromkeys(_kind(c) for c in cuts))
+    speed = res["speed"]
 
-    def view(kind, amount):
-        config = config_of(kind, amount)
+    def measured(measure: str, cut: str) -> str:
+        q = speed[measure]["speedup"][cut]
+        return f"{q['median']:.2f}x (IQR {q['q1']:.2f}-{q['q3']:.2f})"
+
+    def view(cut):
         fig, (ax1, ax2) = _figure(2, 11.0)
-        for j, k in enumerate(kinds):
-            cs = sorted((c for c in configs if c.startswith(k + ": ")), key=lambda c: params[c])
-            xs = [params[c] / 1e6 for c in cs]
-            chosen = [c == config for c in cs]
-            ax1.plot(xs, [res["config_ppl"][c] for c in cs], "o-", color=f"C{j}", label=k)
-            ax2.plot(xs, [res["predicted_prefill"][c] for c in cs], "o--", color=f"C{j}", alpha=0.6)
-            ax2.plot(xs, [res["prefill_speedup"][c] for c in cs], "s-", color=f"C{j}", label=k)
-            for x, c, yes in zip(xs, cs, chosen):
-                if yes:
-                    ax1.scatter([x], [res["config_ppl"][c]], s=120, facecolors="none", edgecolors="black")
-                    ax2.scatter([x], [res["prefill_speedup"][c]], s=120, facecolors="none", edgecolors="black")
+        for j, kind in enumerate(kinds):
+            cs = [c for c in cuts if _kind(c) == kind]
+            xs = [res["cuts"][c]["removed_params"] / 1e6 for c in cs]
+            for key, marker, alpha in (("ppl_before", "o", 0.35), ("ppl_after", "s", 1.0)):
+                ys = [summarize(res["cuts"][c][key]) for c in cs]
+                ax1.errorbar(xs, [y.mean for y in ys], yerr=[y.sd for y in ys], fmt=marker, color=f"C{j}", alpha=alpha,
+                             label=kind if key == "ppl_after" else None)
+            q = [speed["prefill"]["speedup"][c] for c in cs]
+            ax2.errorbar(xs, [v["median"] for v in q], yerr=[[v["median"] - v["q1"] for v in q], [v["q3"] - v["median"] for v in q]],
+                         fmt="s", color=f"C{j}", label=kind)
+            ax2.scatter(xs, [res["cuts"][c]["predicted_prefill"] for c in cs], marker="_", s=300, color=f"C{j}")
+        x = res["cuts"][cut]["removed_params"] / 1e6
+        ax1.scatter([x], [summarize(res["cuts"][cut]["ppl_after"]).mean], s=160, facecolors="none", edgecolors="black")
+        ax2.scatter([x], [speed["prefill"]["speedup"][cut]["median"]], s=160, facecolors="none", edgecolors="black")
         ax1.axhline(res["dense_ppl"], color="gray", ls="--", lw=0.8, label="dense")
         ax1.set(xlabel="parameters removed (millions)", ylabel="held-out perplexity", yscale="log",
-                title="RECORDED: SmolLM2-135M, structured cuts")
+                title="RECORDED: faint before recovery, solid after")
         ax1.legend(fontsize=7)
         ax2.axhline(1.0, color="gray", ls="--", lw=0.8)
-        ax2.set(xlabel="parameters removed (millions)", ylabel="prefill speedup",
-                title="measured (squares) and MAC-predicted (dashed)")
+        ax2.set(xlabel="parameters removed (millions)", ylabel="prefill speedup (1 x 256)",
+                title="measured (squares, IQR) and MAC-predicted (bars)")
         ax2.legend(fontsize=7)
-        text = (f"{config}: {params[config] / 1e6:.2f} M parameters removed; perplexity {res['config_ppl'][config]:.2f} "
-                f"(dense {res['dense_ppl']:.2f}); prefill speedup predicted {res['predicted_prefill'][config]:.2f}x, "
-                f"measured {res['prefill_speedup'][config]:.2f}x; decode predicted {res['predicted_decode'][config]:.2f}x, "
-                f"measured {res['decode_speedup'][config]:.2f}x")
+        c = res["cuts"][cut]
+        before, after = summarize(c["ppl_before"]), summarize(c["ppl_after"])
+        text = (f"{cut}: {c['removed_params'] / 1e6:.2f} M parameters removed ({100 * c['share']:.1f}%); perplexity "
+                f"{before:.2f} before recovery, {after:.2f} after {settings['recovery_steps']} steps (dense {res['dense_ppl']:.2f}; "
+                f"{before.n} calibration draws); prefill 1 x {settings['prompt_tokens']}: predicted {c['predicted_prefill']:.2f}x, "
+                f"measured {measured('prefill', cut)}; prefill {settings['batch_prompts']} x {settings['prompt_tokens']}: measured "
+                f"{measured('prefill_batch', cut)}; decode: predicted {c['predicted_decode']:.2f}x, measured {measured('decode', cut)}")
         return fig, text
 
-    return Explorer(view, {"kind": kinds, "amount": ["smaller", "larger"]},
-                    title="Notebook 04: structured cuts of an LLM (recorded run)")
+    return Explorer(view, {"cut": cuts}, title="Notebook 04: structured cuts of an LLM (recorded run)")
 
 
 # --------------------------------------------------------------------------- 05
