@@ -158,11 +158,12 @@ def test_the_structured_cut_buttons_work_in_jupyterlab(lab, browser):
     expected = structured_llm_explorer()
     page, cell, explorer, errors = _run_explorer_cell(browser, lab, "04_attention_head_pruning.ipynb", "structured_llm_explorer()",
                                                       expected.text.split(";")[0])
-    explorer.get_by_role("button", name="MLP", exact=True).click()
-    after = expected.set(kind="MLP")
+    menu = explorer.locator("select").first                    # ten cuts: a drop-down menu
+    menu.select_option(label="MLP: 171 neurons per block")
+    after = expected.set(cut="MLP: 171 neurons per block")
     explorer.get_by_text(after.split(";")[0], exact=False).wait_for(timeout=TIMEOUT_MS)
-    explorer.get_by_role("button", name="larger", exact=True).click()
-    larger = expected.set(amount="larger")
+    menu.select_option(label="blocks + MLP: 5 blocks, 341 neurons")
+    larger = expected.set(cut="blocks + MLP: 5 blocks, 341 neurons")
     explorer.get_by_text(larger.split(";")[0], exact=False).wait_for(timeout=TIMEOUT_MS)
     assert larger in _shown(explorer).replace("\n", " ")
     BUILD.mkdir(exist_ok=True)
