@@ -36,7 +36,7 @@ from ..distill import distill_lm
 from ..report import load_full_run, save_full_run
 from ..structured.channels import channels_to_remove
 from ..structured.heads import (
-    _as_index, attention_layers, group_removal_order, head_importance, kept_heads, plan_from_order, remove_heads, removal_order,
+    _as_index, _normalise, attention_layers, group_removal_order, head_importance, kept_heads, plan_from_order, remove_heads, removal_order,
 )
 from ..structured.llm import (
     PARTS, _part_of, block_influence, macs_per_token, mlp_widths, neuron_importance, parameter_count, remove_blocks, remove_neurons,
@@ -177,15 +177,14 @@ def measure_speed(models: Mapping[str, nn.Module], prompt: torch.Tensor, decode_
         if threads is not None:
             torch.set_num_threads(threads)
         with torch.inference_mode(), _quiet_generate():
+            for model in models.values():
+                model.eval()
             if "decode" in measures:
                 for name, model in models.items():
-                    model.eval()
                     out = decode(model)()
                     if out.shape != (1, decode_prompt.shape[1] + new_tokens):
                         raise AssertionError(f"{name}: generate returned shape {tuple(out.shape)}, expected (1, {decode_prompt.shape[1] + new_tokens})")
             for measure in measures:
-                for model in models.values():
-                    model.eval()
                 results[measure] = compare({n: calls[measure](m) for n, m in models.items()}, repeats=repeats, warmup=warmup, clock=clock)
     finally:
         torch.set_num_threads(saved_threads)
@@ -242,7 +241,7 @@ def calibration_scores(model: nn.Module, calib_tokens: torch.Tensor, seed: int, 
     """
     calib = list(lm_batches(calib_tokens, block_size=128, batch_size=4, num_batches=batches, seed=seed))
     group = head_importance(model, calib, per="group")
-    return {"group": group, "group_normalised": group / group.norm(dim=1, keepdim=True).clamp_min(1e-12),
+    return {"group": group, "group_normalised": _normalise(group),
             "head": head_importance(model, calib, per="head", normalize=True),
             "neuron": neuron_importance(model, [x for x, _ in calib]), "influence": block_influence(model, [x for x, _ in calib])}
 
