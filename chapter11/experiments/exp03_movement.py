@@ -527,16 +527,20 @@ def grid_log_path(settings: GridSettings = GridSettings()):
     return FULL_RUNS.parent.parent / "build" / f"{FULL_RUN_NAME}.{digest}.runs.jsonl"
 
 
-def full_run(settings: GridSettings = GridSettings(), command: str = "python -m chapter11.experiments.exp03_movement", log_path=None) -> dict:
+def full_run(settings: GridSettings | None = None, command: str = "python -m chapter11.experiments.exp03_movement", log_path=None) -> dict:
     """Run the whole grid and record it with `chapter11.report.save_full_run` (benchmarks/full/03_movement_vs_magnitude.json).
 
-    The recorded `seconds` cover only this call; `wall_s_all_runs` and
-    `cpu_s_all_runs` add up every run, also those found in the log.
+    `settings` defaults to `chosen_grid()`: the regime the recorded ablation
+    chose on validation. The recorded `seconds` cover only this call;
+    `wall_s_all_runs` and `cpu_s_all_runs` add up every run, also those
+    found in the log.
     """
     import time
 
     from ..report import load_full_run, save_full_run
 
+    if settings is None:
+        settings = chosen_grid()
     if log_path is None:
         log_path = grid_log_path(settings)
     start = time.perf_counter()
@@ -685,6 +689,42 @@ def ablation_run(worker: int = 0, workers: int = 1, methods: Sequence[str] = ABL
     results = {"runs": runs, "cpu_s_all_runs": round(sum(r["cpu_s"] for r in runs), 1)}
     save_full_run(ABLATION_NAME, results, settings, command, time.perf_counter() - start)
     return load_full_run(ABLATION_NAME)
+
+
+def chosen_grid(ablation: dict | None = None, method: str = "hard") -> GridSettings:
+    """The grid's settings in the regime the ablation chose on validation.
+
+    The chosen variant is the one whose mean validation accuracy of `method`
+    at `ABLATION_SPARSITY` is highest (ties go to the grid's own regime);
+    its changes are applied to `GridSettings()`, and a longer run also
+    lengthens the dense plateau check (`dense_long_steps`) in proportion.
+    `ablation` is the ablation's record (loaded from benchmarks/full/ when None).
+
+    >>> runs = [{"variant": v, "method": "hard", "seed": 0, "val": a} for v, a in (("baseline", 0.11), ("450 steps", 0.54))]
+    >>> rec = {"results": {"runs": runs}, "settings": {"grid": GridSettings().as_dict(), "variants": {"baseline": {}, "450 steps": {"steps": 450}}}}
+    >>> g = chosen_grid(rec)
+    >>> g.steps, g.dense_long_steps, g.warmup_frac
+    (450, 600, 0.1)
+    """
+    import dataclasses
+
+    from ..report import load_full_run
+
+    ablation = ablation if ablation is not None else load_full_run(ABLATION_NAME)
+    base = GridSettings()
+    if ablation["settings"]["grid"] != base.as_dict():
+        raise ValueError("the ablation record was made with other grid settings than GridSettings(); record it again")
+    table = ablation_table(ablation)
+    if any(method not in row for row in table.values()):
+        raise ValueError(f"method={method!r}: not run under every variant of the ablation")
+    name = max(table, key=lambda v: (table[v][method].mean, v == "baseline"))
+    changes = dict(ablation["settings"]["variants"][name])
+    unknown = set(changes) - {f.name for f in dataclasses.fields(GridSettings)}
+    if unknown:
+        raise ValueError(f"the chosen variant {name!r} changes {sorted(unknown)}, which the grid's settings do not hold")
+    if "steps" in changes:
+        changes["dense_long_steps"] = round(base.dense_long_steps * changes["steps"] / base.steps)
+    return dataclasses.replace(base, **changes)
 
 
 def ablation_table(record: dict, metric: str = "val") -> dict[str, dict[str, object]]:
@@ -1240,7 +1280,9 @@ if __name__ == "__main__":  # python -m chapter11.experiments.exp03_movement [lm
             more_seeds_run()
     elif len(args) == 2 and args[0] == "worker":  # worker I/N: one of N processes sharing the grid's log
         i, n = (int(v) for v in args[1].split("/"))
-        run_grid(worker=i, workers=n, log_path=grid_log_path())
+        torch.set_num_threads(1)  # one process per core
+        grid = chosen_grid()
+        run_grid(grid, worker=i, workers=n, log_path=grid_log_path(grid))
     elif args:
         raise SystemExit("usage: python -m chapter11.experiments.exp03_movement [lm | first-cut | ablation [worker I/N] | more-seeds [worker I/N] | worker I/N]")
     else:
