@@ -79,6 +79,24 @@ def driver_arguments(doc: str, default: int, argv=None, flags: Mapping[str, tupl
     return args
 
 
+def parse_worker(argv: Sequence[str]) -> tuple[int, int]:
+    """`[--worker I/N]` from a driver's remaining arguments: (I, N), or (0, 1) without it; SystemExit on anything else.
+
+    >>> parse_worker(["--worker", "1/2"]), parse_worker([])
+    ((1, 2), (0, 1))
+    """
+    if not argv:
+        return 0, 1
+    if len(argv) == 2 and argv[0] == "--worker":
+        try:
+            i, n = (int(v) for v in argv[1].split("/"))
+        except ValueError:
+            i, n = -1, 0
+        if 0 <= i < n:
+            return i, n
+    raise SystemExit(f"expected [--worker I/N] with 0 <= I < N, got {' '.join(argv)!r}")
+
+
 def seeds_from_command_line(doc: str, default: int, argv=None) -> list[int]:
     """`--seeds N` (default `default`, at least 8) from a driver's command line, as seeds 0..N-1.
 

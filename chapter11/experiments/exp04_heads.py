@@ -396,11 +396,9 @@ def full_run(settings: StructuredSettings = StructuredSettings(), worker: int = 
 
 
 if __name__ == "__main__":  # python -m chapter11.experiments.exp04_heads [--worker I/N]: the recorded run of Experiment 4
-    import argparse
+    import sys
 
-    parser = argparse.ArgumentParser(description="Experiment 4's recorded run: structured cuts of SmolLM2-135M, "
-                                     "three calibration draws, equal recovery, one-thread CPU-clock timing.")
-    parser.add_argument("--worker", default=None, metavar="I/N", help="run every N-th unit from the I-th and record nothing")
-    args = parser.parse_args()
-    i, n = (int(v) for v in args.worker.split("/")) if args.worker else (0, 1)
-    full_run(worker=i, workers=n)
+    from . import parse_worker
+
+    worker, workers = parse_worker(sys.argv[1:])
+    full_run(worker=worker, workers=workers)

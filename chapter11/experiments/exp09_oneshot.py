@@ -10,6 +10,7 @@ pass, split by part), `ablation_run`, the recorded run with the sizes
 too slow for the notebook, and `sufficient_calibration_run`, Wanda and
 SparseGPT on 64 x 128 calibration tokens against a 16k-token held-out text:
 
+    python -m chapter11.experiments.exp09_oneshot grid [--worker I/N]   # the notebook's grid at its recorded size
     python -m chapter11.experiments.exp09_oneshot ablation
     python -m chapter11.experiments.exp09_oneshot sufficient
     python -m chapter11.experiments.exp09_oneshot sparsegpt-curve   # SparseGPT from 1 to 64 sequences
@@ -207,6 +208,109 @@ def sufficient_calibration_run(command: str = "python -m chapter11.experiments.e
     return load_full_run(SUFFICIENT_RUN_NAME)
 
 
+ONE_SHOT_RUN_NAME = "09_llm_one_shot_pruning"
+
+
+# Notebook 09's grid at its recorded size: the notebook's calibration and evaluation, three calibration seeds, two more
+# patterns (4:8 with the first seed only) and Wanda's calibration curve; the notebook sets its live run beside it.
+ONE_SHOT_SETTINGS = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised)", "calibration_sequences": 8, "seq_len": 128,
+                     "eval_tokens": 1024, "seeds": [0, 1, 2], "patterns": ["30%", "50%", "70%", "2:4", "4:8"],
+                     "calibration_sizes": [1, 4, 8, 16], "ablation_method": "wanda 50%"}
+ONE_SHOT_PATTERNS = {"30%": {"sparsity": 0.3}, "50%": {"sparsity": 0.5}, "70%": {"sparsity": 0.7},
+                     "2:4": {"sparsity": None, "n": 2, "m": 4}, "4:8": {"sparsity": None, "n": 4, "m": 8}}
+ONE_SEED_PATTERNS = ("4:8",)
+
+
+def one_shot_units(settings: dict = ONE_SHOT_SETTINGS) -> list[tuple]:
+    """The units of `one_shot_run`, in order: the dense model, each pattern x calibration seed, each extra calibration size x seed.
+
+    >>> units = one_shot_units()
+    >>> len(units), units[0], units[1], units[-1]
+    (23, ('dense',), ('grid', '30%', 0), ('calibration', 16, 2))
+    """
+    seeds = list(settings["seeds"])
+    units: list[tuple] = [("dense",)]
+    for label in settings["patterns"]:
+        units += [("grid", label, seed) for seed in (seeds[:1] if label in ONE_SEED_PATTERNS else seeds)]
+    extra = [n for n in settings["calibration_sizes"] if n != settings["calibration_sequences"]]
+    return units + [("calibration", n, seed) for n in extra for seed in seeds]
+
+
+def one_shot_run(worker: int = 0, workers: int = 1, settings: dict = ONE_SHOT_SETTINGS, log_path=None,
+                 command: str = "python -m chapter11.experiments.exp09_oneshot grid", save: bool = True) -> dict | None:
+    """Notebook 09's grid at its recorded size: record benchmarks/full/09_llm_one_shot_pruning.json.
+
+    Every method at every pattern and calibration seed (magnitude, which uses
+    no calibration, once per pattern), the dense perplexity, and Wanda at 50%
+    from each extra number of calibration sequences (`calibration_sizes`; the
+    grid's own size comes from the grid). Each unit of `one_shot_units` is
+    logged under build/ as it finishes, so a killed run resumes; `workers > 1`
+    splits the units between processes (`worker` 0 .. workers - 1) and a last
+    call with `workers=1` assembles and saves (`save=False`: only returns the
+    results).
+    """
+    from pathlib import Path
+
+    from ..report import FULL_RUNS, load_full_run, save_full_run
+    from . import run_units
+
+    s = settings
+    unknown = [p for p in s["patterns"] if p not in ONE_SHOT_PATTERNS]
+    if unknown:
+        raise ValueError(f"settings['patterns']: unknown pattern(s) {unknown}; known: {list(ONE_SHOT_PATTERNS)}")
+    start = time.perf_counter()
+    model, cal_tokens, held_out = _model_and_texts(s["eval_tokens"])
+    seeds, seq_len = list(s["seeds"]), s["seq_len"]
+
+    def run_unit(unit: tuple) -> dict:
+        if unit[0] == "dense":
+            return {"unit": list(unit), "perplexity": {"dense": perplexity(model, held_out, block_size=seq_len, batch_size=8)}}
+        kind, arg, seed = unit
+        size = s["calibration_sequences"] if kind == "grid" else arg
+        sample = calibration_sequences(cal_tokens, size, seq_len, seed=seed)
+        if kind == "grid":
+            methods = [m for m in METHODS if m != "magnitude" or seed == seeds[0]]
+            pattern = ONE_SHOT_PATTERNS[arg]
+        else:
+            methods, pattern = ["wanda"], ONE_SHOT_PATTERNS["50%"]
+        row: dict = {"unit": list(unit), "perplexity": {}, "prune_seconds": {}}
+        for method in methods:
+            ppl, result = prune_and_evaluate(model, None if method == "magnitude" else sample, held_out, method, seq_len=seq_len,
+                                             progress_bar=False, **pattern)
+            row["perplexity"][method], row["prune_seconds"][method] = ppl, result.seconds
+        return row
+
+    log = Path(log_path) if log_path is not None else FULL_RUNS.parent.parent / "build" / f"{ONE_SHOT_RUN_NAME}.jsonl"
+    units = one_shot_units(s)
+    done = run_units(units, run_unit, lambda row: tuple(row["unit"]), log, worker, workers,
+                     describe=lambda row: f"{tuple(row['unit'])}: " + ", ".join(f"{k} {v:.2f}" for k, v in row["perplexity"].items())
+                     + f" ({row['seconds']:.0f} s)")
+    if done is None:
+        return None
+    grid = {u[1:]: row for u, row in done.items() if u[0] == "grid"}
+    labels = s["patterns"]
+
+    def values(method: str, label: str, key: str) -> list[float]:
+        return [grid[label, seed][key][method] for seed in seeds if (label, seed) in grid and method in grid[label, seed][key]]
+
+    by_size = {s["calibration_sequences"]: values("wanda", "50%", "perplexity")}
+    by_size.update({u[1]: [] for u in done if u[0] == "calibration"})
+    for u, row in done.items():
+        if u[0] == "calibration":
+            by_size[u[1]].append(row["perplexity"]["wanda"])
+    results = {
+        "dense": done[("dense",)]["perplexity"]["dense"],
+        "perplexity": {f"{m} {p}": values(m, p, "perplexity") for m in METHODS for p in labels},
+        "seconds": {f"{m} {p}": values(m, p, "prune_seconds") for m in METHODS for p in labels},
+        "calibration_ablation": {str(n): by_size[n] for n in sorted(by_size)},
+        "unit_seconds": round(sum(row["seconds"] for row in done.values()), 1),
+    }
+    if not save:
+        return results
+    save_full_run(ONE_SHOT_RUN_NAME, results, s, command, time.perf_counter() - start)
+    return load_full_run(ONE_SHOT_RUN_NAME)
+
+
 def bench_prune_llm(model: nn.Module, calibration: torch.Tensor, methods: Sequence[str] = ("wanda", "sparsegpt"),
                     sparsity: float = 0.5, batch_size: int = 8, repeats: int = 3) -> dict:
     """`prune_llm` time against one forward pass over the same calibration tokens, with its split by part.
@@ -316,11 +420,20 @@ def layer_means(values: dict[str, float], by: str = "projection") -> dict:
     return {key: sum(v) / len(v) for key, v in groups.items()}
 
 
-if __name__ == "__main__":  # python -m chapter11.experiments.exp09_oneshot ablation|sufficient|sparsegpt-curve: the recorded runs
+if __name__ == "__main__":  # python -m chapter11.experiments.exp09_oneshot grid [--worker I/N]|ablation|sufficient|sparsegpt-curve
     import sys
 
+    from . import parse_worker
+
     torch.set_num_threads(2)
-    runs = {"ablation": ablation_run, "sufficient": sufficient_calibration_run, "sparsegpt-curve": sparsegpt_curve_run}
-    if len(sys.argv) != 2 or sys.argv[1] not in runs:
-        raise SystemExit(f"usage: python -m chapter11.experiments.exp09_oneshot {'|'.join(runs)}")
-    runs[sys.argv[1]]()
+    runs = {"grid": one_shot_run, "ablation": ablation_run, "sufficient": sufficient_calibration_run, "sparsegpt-curve": sparsegpt_curve_run}
+    args = sys.argv[1:]
+    if not args or args[0] not in runs or (args[0] != "grid" and len(args) != 1):
+        raise SystemExit(f"usage: python -m chapter11.experiments.exp09_oneshot grid [--worker I/N] | {' | '.join(list(runs)[1:])}")
+    if args[0] == "grid":
+        worker, workers = parse_worker(args[1:])
+        if workers > 1:
+            torch.set_num_threads(1)  # one process per core
+        one_shot_run(worker, workers)
+    else:
+        runs[args[0]]()
