@@ -54,8 +54,12 @@ def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(
     interleaved. `masked_fill` is the step `MaskedOptimizer` took before
     (a bool `mask == 0` per parameter per step, then `masked_fill_` on the
     gradients and the weights), kept here so the two can be compared side by
-    side on any CPU. Before timing, one step of each masked variant is checked
-    to leave the same weights.
+    side on any CPU. `floor` is the least an exact masked step can do: one
+    multiply of the gradients and one of the weights by masks it holds, with
+    no check for inf x 0 and no wrapper (it would leave NaN at a pruned
+    weight after an inf gradient, which `MaskedOptimizer` must not). Before
+    timing, one step of each masked variant is checked to leave the same
+    weights.
     """
     import torch.nn.utils.prune as prune
 
@@ -64,9 +68,9 @@ def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(
     dense = _mlp(tuple(sizes))
     g = torch.Generator().manual_seed(seed)
     masks = {n: (torch.rand(p.shape, generator=g) >= sparsity).float() for n, p in prunable_parameters(dense).items()}
-    ours, theirs, filled = copy.deepcopy(dense), copy.deepcopy(dense), copy.deepcopy(dense)
-    apply_masks(ours, masks)
-    apply_masks(filled, masks)
+    ours, theirs, filled, bare = (copy.deepcopy(dense) for _ in range(4))
+    for model in (ours, filled, bare):
+        apply_masks(model, masks)
     for name, mask in masks.items():
         prune.custom_from_mask(theirs.get_submodule(name.rsplit(".", 1)[0]), "weight", mask)
     X = torch.randn(batch, sizes[0], generator=g)
@@ -101,18 +105,36 @@ def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(
 
         return step
 
+    def floor_step(model):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        held = masks_of(model)
+        params = [p for n, p in model.named_parameters() if n in masks]
+        kept = [held[n] for n, p in model.named_parameters() if n in masks]
+
+        def step():
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X), y).backward()
+            with torch.no_grad():
+                torch._foreach_mul_([p.grad for p in params], kept)
+                opt.step()
+                torch._foreach_mul_(params, kept)
+
+        return step
+
     variants = {
         "dense": make_step(dense, False),
         "chapter11": make_step(ours, True),
         "masked_fill": masked_fill_step(filled),
         "torch_prune": make_step(theirs, False),
+        "floor": floor_step(bare),
     }
-    for name in ("chapter11", "masked_fill", "torch_prune"):
+    for name in ("chapter11", "masked_fill", "torch_prune", "floor"):
         variants[name]()
     for name in masks:
         a = ours.get_submodule(name.rsplit(".", 1)[0]).weight
-        if not torch.allclose(a, filled.get_submodule(name.rsplit(".", 1)[0]).weight, atol=1e-6):
-            raise AssertionError(f"chapter11 and the masked_fill step disagree on {name} after one step")
+        for label, other in (("masked_fill", filled), ("floor", bare)):
+            if not torch.allclose(a, other.get_submodule(name.rsplit(".", 1)[0]).weight, atol=1e-6):
+                raise AssertionError(f"chapter11 and the {label} step disagree on {name} after one step")
         module = theirs.get_submodule(name.rsplit(".", 1)[0])
         b = module.weight_orig * module.weight_mask  # .weight is only refreshed by the next forward
         if not torch.allclose(a, b, atol=1e-6):
@@ -126,8 +148,10 @@ def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(
         "chapter11_s": med["chapter11"],
         "torch_prune_s": med["torch_prune"],
         "masked_fill_s": med["masked_fill"],
+        "floor_s": med["floor"],
         "chapter11_ratio": med["chapter11"] / med["dense"],
         "masked_fill_ratio": med["masked_fill"] / med["dense"],
+        "floor_ratio": med["floor"] / med["dense"],
         "torch_prune_ratio": med["torch_prune"] / med["dense"],
         "steps": steps,
         "sparsity": sparsity,
@@ -158,8 +182,11 @@ def masks_main(argv: list[str] | None = None) -> int:
     print(f"  chapter11 masks    {r['chapter11_s'] * 1e3:8.1f} ms/step  ({r['chapter11_ratio']:.2f}x dense)")
     print(f"  masked_fill step   {r['masked_fill_s'] * 1e3:8.1f} ms/step  ({r['masked_fill_ratio']:.2f}x dense; the step chapter11 took before)")
     print(f"  torch.nn.utils.prune {r['torch_prune_s'] * 1e3:6.1f} ms/step  ({r['torch_prune_ratio']:.2f}x dense)")
+    print(f"  floor: two multiplies {r['floor_s'] * 1e3:5.1f} ms/step  ({r['floor_ratio']:.2f}x dense; gradients and weights times cached masks, no checks)")
     if args.json:
-        atomic_write_text(json.dumps({k: r[k] for k in ("dense_s", "chapter11_s", "masked_fill_s", "torch_prune_s", "chapter11_ratio", "masked_fill_ratio", "torch_prune_ratio", "steps", "sparsity", "batch", "sizes")} | {"machine": r["machine"]}, indent=2), args.json)
+        keys = ("dense_s", "chapter11_s", "masked_fill_s", "torch_prune_s", "floor_s", "chapter11_ratio", "masked_fill_ratio",
+                "torch_prune_ratio", "floor_ratio", "steps", "sparsity", "batch", "sizes")
+        atomic_write_text(json.dumps({k: r[k] for k in keys} | {"machine": r["machine"]}, indent=2), args.json)
     return 0
 
 
