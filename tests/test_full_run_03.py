@@ -1,8 +1,8 @@
 """The recorded full runs of Experiment 3 (benchmarks/full/03_*.json) against notebook 03.
 
 Checks that each record exists, was made with the settings the notebook
-states (`GridSettings()` and `LMSettings()`, the defaults of
-`chapter11.movement`), holds every method x sparsity x seed with the
+states (`chosen_grid()` for the grid, `GridSettings()` for the short
+regime's records, `LMSettings()`), holds every method x sparsity x seed with the
 sparsity reached exactly, and that the notebook's live single-seed results
 (its committed outputs) lie inside the recorded spread, with a tolerance.
 """
@@ -49,14 +49,23 @@ def _assert_every_run_is_there(runs, settings):
 
 
 def test_grid_record_matches_the_notebook_settings(grid):
-    assert grid["settings"] == ex3.GridSettings().as_dict()
-    assert grid["command"] and grid["commit"] and grid["machine"]
+    assert grid["settings"] == ex3.chosen_grid().as_dict()
+    assert grid["command"] and grid["machine"]
+    assert "uncommitted" not in grid["commit"] and len(grid["commit"]) == 40, grid["commit"]  # recorded from a clean commit
     source = NOTEBOOK.read_text()
-    assert "GridSettings()" in source and "load_full_run(FULL_RUN_NAME)" in source
+    assert "G = chosen_grid()" in source and "load_full_run(FULL_RUN_NAME)" in source
+
+
+def test_the_grid_runs_in_the_regime_the_ablation_chose_on_validation():
+    ablation = load_full_run(ex3.ABLATION_NAME)
+    table = ex3.ablation_table(ablation)
+    best = max(table, key=lambda v: table[v]["hard"].mean)
+    assert ablation["settings"]["variants"][best] == {"steps": ex3.chosen_grid().steps}
+    assert ex3.chosen_grid().steps != ex3.GridSettings().steps  # the choice moved the grid away from the short regime
 
 
 def test_grid_record_is_complete_and_every_target_is_reached(grid):
-    s = ex3.GridSettings()
+    s = ex3.chosen_grid()
     runs = grid["results"]["runs"]
     _assert_every_run_is_there(runs, s)
     for r in runs:
@@ -67,8 +76,9 @@ def test_grid_record_is_complete_and_every_target_is_reached(grid):
     assert len(grid["results"]["dense_long"]["val_trace"]) == s.dense_long_steps // s.eval_every
 
 
-def test_live_minilm_results_lie_inside_the_recorded_spread(grid):
-    summaries = ex3.grid_summaries(grid["results"]["runs"])
+def test_live_minilm_results_lie_inside_the_recorded_spread():
+    # the live runs use the short regime, GridSettings(): their record is the three extra seeds at 97%
+    summaries = ex3.grid_summaries(load_full_run(ex3.MORE_SEEDS_NAME)["results"]["runs"])
     live = re.findall(r"^live (magnitude|hard|soft|mixed|dense)\s+sparsity ([\d.]+)\s+val ([\d.]+)\s+test ([\d.]+)",
                       _notebook_text(), flags=re.M)
     assert live, "notebook 03 must print its live results as 'live <method> sparsity .. val .. test ..'"
@@ -127,5 +137,5 @@ def test_more_seeds_record_matches_its_settings_and_is_complete():
     assert seen == {("dense", 0.0, seed) for seed in s.seeds} | {(m, 0.97, seed) for m in s.methods for seed in s.seeds}
     for r in more["results"]["runs"]:
         assert r["steps"] == s.steps and (r["method"] == "dense" or abs(r["sparsity"] - 0.97) < 1e-4)
-        assert r["method"] != "soft" or r["penalty"] == load_full_run(ex3.FULL_RUN_NAME)["results"]["penalty"]
+        assert r["method"] != "soft" or r["penalty"] == 1.0  # the short-regime grid's choice on validation
     assert "load_full_run(MORE_SEEDS_NAME)" in NOTEBOOK.read_text()

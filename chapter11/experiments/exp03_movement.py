@@ -557,10 +557,12 @@ MORE_SEEDS_NAME = "03_more_seeds_97"
 
 
 def more_seeds_settings() -> GridSettings:
-    """The grid's settings for three more seeds (3, 4, 5), at 97% only, magnitude and soft movement.
+    """The short regime's settings (`GridSettings()`, 150 steps) for three more seeds (3, 4, 5), at 97% only,
+    magnitude and soft movement.
 
-    Soft movement's lambda is fixed at 1, the value the grid chose on
-    validation (its only candidate here, so the "search" is the seed-3 run).
+    Soft movement's lambda is fixed at 1, the value the 150-step grid chose
+    on validation before the grid moved to the regime of `chosen_grid()`
+    (its only candidate here, so the "search" is the seed-3 run).
     """
     return GridSettings(seeds=(3, 4, 5), sparsities=(0.97,), methods=("magnitude", "soft"), penalties=(1.0,),
                         dense_long_steps=0)

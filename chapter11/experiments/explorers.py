@@ -174,7 +174,8 @@ def movement_explorer(record: Mapping | None = None) -> Explorer:
             ax.axhline(summarize(list(dense.values())).mean, color="gray", ls="--", lw=0.8, label="dense")
         ax.axhline(1 / 9, color="red", ls=":", lw=0.8, label="chance (9 classes)")
         ax.set_xticks(range(len(sparsities)), [f"{100 * s:g}%" for s in sparsities])
-        ax.set(xlabel="sparsity", ylabel="test accuracy", title="RECORDED: MiniLM fine-tuned while pruning, one dot per seed")
+        ax.set(xlabel="sparsity", ylabel="test accuracy",
+               title=f"RECORDED: MiniLM fine-tuned while pruning, {record['settings']['steps']} steps, one dot per seed")
         ax.legend(fontsize=7, ncol=2)
         mine, mag = seeds_of(criterion, sparsity), seeds_of("magnitude", sparsity)
         text = (f"{criterion} at {100 * sparsity:g}%: seeds " + ", ".join(f"{seed}: {v:.3f}" for seed, v in sorted(mine.items()))
