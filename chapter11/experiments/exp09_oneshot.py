@@ -294,10 +294,8 @@ def one_shot_run(worker: int = 0, workers: int = 1, settings: dict = ONE_SHOT_SE
         return [grid[label, seed][key][method] for seed in seeds if (label, seed) in grid and method in grid[label, seed][key]]
 
     by_size = {s["calibration_sequences"]: values("wanda", "50%", "perplexity")}
-    by_size.update({u[1]: [] for u in done if u[0] == "calibration"})
-    for u, row in done.items():
-        if u[0] == "calibration":
-            by_size[u[1]].append(row["perplexity"]["wanda"])
+    by_size.update({n: [done["calibration", n, seed]["perplexity"]["wanda"] for seed in seeds if ("calibration", n, seed) in done]
+                    for n in {u[1] for u in done if u[0] == "calibration"}})
     results = {
         "dense": done[("dense",)]["perplexity"]["dense"],
         "perplexity": {f"{m} {p}": values(m, p, "perplexity") for m in METHODS for p in labels},
