@@ -59,7 +59,8 @@ def test_grid_record_matches_the_notebook_settings(grid):
 def test_the_grid_runs_in_the_regime_the_ablation_chose_on_validation():
     ablation = load_full_run(ex3.ABLATION_NAME)
     table = ex3.ablation_table(ablation)
-    best = max(table, key=lambda v: table[v]["hard"].mean)
+    best = max(table, key=lambda v: table[v]["hard"].mean)   # recomputed here, independently of chosen_variant
+    assert ex3.chosen_variant(ablation) == best
     assert ablation["settings"]["variants"][best] == {"steps": ex3.chosen_grid().steps}
     assert ex3.chosen_grid().steps != ex3.GridSettings().steps  # the choice moved the grid away from the short regime
 
@@ -139,3 +140,9 @@ def test_more_seeds_record_matches_its_settings_and_is_complete():
         assert r["steps"] == s.steps and (r["method"] == "dense" or abs(r["sparsity"] - 0.97) < 1e-4)
         assert r["method"] != "soft" or r["penalty"] == 1.0  # the short-regime grid's choice on validation
     assert "load_full_run(MORE_SEEDS_NAME)" in NOTEBOOK.read_text()
+
+
+@pytest.mark.parametrize("argv", [["worker", "2/2"], ["worker", "x"], ["worker"], ["--worker", "1/0"], ["1/2"]])
+def test_the_driver_refuses_a_bad_worker_argument(argv):
+    with pytest.raises(SystemExit, match="worker"):
+        ex3._worker(argv)

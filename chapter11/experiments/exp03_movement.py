@@ -471,6 +471,8 @@ def run_grid(settings: GridSettings = GridSettings(), log_path=None, progress=pr
         if penalty is None:
             penalty = chosen_penalty(wait=True)[0] if method == "soft" else 0.0
         k = key(method, sparsity, seed, penalty, steps)
+        if k not in done:
+            done.update(logged())  # another worker may have run it meanwhile (the lambda search's grid cell)
         if k in done:
             continue
         rec = run_one(task, settings, method, sparsity, seed, penalty, steps, eval_every)
@@ -716,10 +718,7 @@ def chosen_grid(ablation: dict | None = None, method: str = "hard") -> GridSetti
     base = GridSettings()
     if ablation["settings"]["grid"] != base.as_dict():
         raise ValueError("the ablation record was made with other grid settings than GridSettings(); record it again")
-    table = ablation_table(ablation)
-    if any(method not in row for row in table.values()):
-        raise ValueError(f"method={method!r}: not run under every variant of the ablation")
-    name = max(table, key=lambda v: (table[v][method].mean, v == "baseline"))
+    name = chosen_variant(ablation, method)
     changes = dict(ablation["settings"]["variants"][name])
     unknown = set(changes) - {f.name for f in dataclasses.fields(GridSettings)}
     if unknown:
@@ -727,6 +726,25 @@ def chosen_grid(ablation: dict | None = None, method: str = "hard") -> GridSetti
     if "steps" in changes:
         changes["dense_long_steps"] = round(base.dense_long_steps * changes["steps"] / base.steps)
     return dataclasses.replace(base, **changes)
+
+
+def chosen_variant(ablation: dict | None = None, method: str = "hard") -> str:
+    """The ablation's variant with the best mean validation accuracy of `method` (ties go to "baseline").
+
+    `ablation` is the ablation's record (loaded from benchmarks/full/ when None).
+
+    >>> runs = [{"variant": v, "method": m, "seed": 0, "val": a} for v, m, a in
+    ...         (("baseline", "hard", 0.11), ("450 steps", "hard", 0.54), ("baseline", "magnitude", 0.7), ("450 steps", "magnitude", 0.6))]
+    >>> rec = {"results": {"runs": runs}, "settings": {"variants": {"baseline": {}, "450 steps": {"steps": 450}}}}
+    >>> chosen_variant(rec), chosen_variant(rec, "magnitude")
+    ('450 steps', 'baseline')
+    """
+    from ..report import load_full_run
+
+    table = ablation_table(ablation if ablation is not None else load_full_run(ABLATION_NAME))
+    if any(method not in row for row in table.values()):
+        raise ValueError(f"method={method!r}: not run under every variant of the ablation")
+    return max(table, key=lambda v: (table[v][method].mean, v == "baseline"))
 
 
 def ablation_table(record: dict, metric: str = "val") -> dict[str, dict[str, object]]:
@@ -1258,6 +1276,17 @@ def lm_full_run(settings: LMSettings = LMSettings(), command: str = "python -m c
     return load_full_run(LM_FULL_RUN_NAME)
 
 
+def _worker(argv: Sequence[str]) -> tuple[int, int]:
+    """`worker I/N` (this driver's spelling, as in its recorded commands) or `--worker I/N`: (I, N); (0, 1) without either.
+
+    >>> _worker(["worker", "1/2"]), _worker(["--worker", "0/2"]), _worker([])
+    ((1, 2), (0, 2), (0, 1))
+    """
+    from . import parse_worker
+
+    return parse_worker(["--worker", *argv[1:]] if argv[:1] == ["worker"] else argv)
+
+
 if __name__ == "__main__":  # python -m chapter11.experiments.exp03_movement [lm | worker I/N]: the recorded full runs of Experiment 3
     import sys
 
@@ -1267,21 +1296,13 @@ if __name__ == "__main__":  # python -m chapter11.experiments.exp03_movement [lm
         lm_full_run()
     elif args == ["first-cut"]:
         first_cut_run()
-    elif args[:1] == ["ablation"]:  # ablation [worker I/N]
-        if len(args) == 3 and args[1] == "worker":
-            i, n = (int(v) for v in args[2].split("/"))
+    elif args[:1] in (["ablation"], ["more-seeds"]):  # ablation|more-seeds [worker I/N]
+        i, n = _worker(args[1:])
+        if n > 1 and args[0] == "ablation":
             torch.set_num_threads(1)  # one process per core; each run records its thread count
-            ablation_run(worker=i, workers=n)
-        else:
-            ablation_run()
-    elif args[:1] == ["more-seeds"]:  # more-seeds [worker I/N]
-        if len(args) == 3 and args[1] == "worker":
-            i, n = (int(v) for v in args[2].split("/"))
-            more_seeds_run(worker=i, workers=n)
-        else:
-            more_seeds_run()
-    elif len(args) == 2 and args[0] == "worker":  # worker I/N: one of N processes sharing the grid's log
-        i, n = (int(v) for v in args[1].split("/"))
+        (ablation_run if args[0] == "ablation" else more_seeds_run)(worker=i, workers=n)
+    elif args[:1] == ["worker"]:  # worker I/N: one of N processes sharing the grid's log
+        i, n = _worker(args)
         torch.set_num_threads(1)  # one process per core
         grid = chosen_grid()
         run_grid(grid, worker=i, workers=n, log_path=grid_log_path(grid))

@@ -248,6 +248,14 @@ def one_shot_run(worker: int = 0, workers: int = 1, settings: dict = ONE_SHOT_SE
     splits the units between processes (`worker` 0 .. workers - 1) and a last
     call with `workers=1` assembles and saves (`save=False`: only returns the
     results).
+
+    SparseGPT's perplexities depend on the thread count (the summation order of
+    its Hessian moves the greedy column updates: up to about 15% apart at 70%
+    and 4:8 between one and two threads, inside the spread over calibration
+    seeds); Wanda's and magnitude's barely move. The notebook and the other 09
+    records run at two threads, so record the grid in one process at two
+    threads where its numbers must pair with them (`unit_threads` in the
+    results says what each unit ran with).
     """
     from pathlib import Path
 
@@ -273,7 +281,7 @@ def one_shot_run(worker: int = 0, workers: int = 1, settings: dict = ONE_SHOT_SE
             pattern = ONE_SHOT_PATTERNS[arg]
         else:
             methods, pattern = ["wanda"], ONE_SHOT_PATTERNS["50%"]
-        row: dict = {"unit": list(unit), "perplexity": {}, "prune_seconds": {}}
+        row: dict = {"unit": list(unit), "perplexity": {}, "prune_seconds": {}, "threads": torch.get_num_threads()}
         for method in methods:
             ppl, result = prune_and_evaluate(model, None if method == "magnitude" else sample, held_out, method, seq_len=seq_len,
                                              progress_bar=False, **pattern)
@@ -302,6 +310,7 @@ def one_shot_run(worker: int = 0, workers: int = 1, settings: dict = ONE_SHOT_SE
         "seconds": {f"{m} {p}": values(m, p, "prune_seconds") for m in METHODS for p in labels},
         "calibration_ablation": {str(n): by_size[n] for n in sorted(by_size)},
         "unit_seconds": round(sum(row["seconds"] for row in done.values()), 1),
+        "unit_threads": sorted({row["threads"] for row in done.values() if "threads" in row}),
     }
     if not save:
         return results
