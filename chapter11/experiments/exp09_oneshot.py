@@ -250,9 +250,9 @@ def one_shot_run(worker: int = 0, workers: int = 1, settings: dict = ONE_SHOT_SE
     results).
 
     SparseGPT's perplexities depend on the thread count (the summation order of
-    its Hessian moves the greedy column updates: up to about 15% apart at 70%
-    and 4:8 between one and two threads, inside the spread over calibration
-    seeds); Wanda's and magnitude's barely move. The notebook and the other 09
+    its Hessian moves the greedy column updates: 13-15% apart at 70%, 2:4 and
+    4:8 in some seeds between one and two threads, inside the spread over
+    calibration seeds); Wanda's and magnitude's did not move. The notebook and the other 09
     records run at two threads, so record the grid in one process at two
     threads where its numbers must pair with them (`unit_threads` in the
     results says what each unit ran with).
