@@ -35,7 +35,7 @@ PROMISE = re.compile(r'^%\s*promise\s+(\d\d_[a-z0-9_]+):\s*(figure|record|output
 DOC_LINK = re.compile(r"\{doc\}`notebooks/(\d\d_[a-z0-9_]+)`")
 NUMBER = re.compile(r"(?<![\w.:/-])(\d+\.\d+)(?![\w.]*\d)")
 QUOTED = re.compile(r"\{cite|quoted|\breports?\b|\breported\b|\bpaper", re.IGNORECASE)
-NUMBER_PAGES = ("experiments.md", "oneshot.md", "dimensions.md", "benchmarks.md")
+NUMBER_PAGES = ("experiments.md", "oneshot.md", "dimensions.md", "benchmarks.md", "tips.md", "methods.md", "workflow.md")
 
 
 def _cells(name: str) -> list[dict]:
