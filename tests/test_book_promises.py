@@ -15,7 +15,8 @@ Two checks over the chapter pages in `book/`:
    section of `experiments.md` (and each section of `oneshot.md` that links
    its notebook) must make at least one promise about the notebook it
    presents, so no such section describes results without being checked.
-2. **Numbers.** Every decimal number on the experiment pages (0.612, 23.5,
+2. **Numbers.** Every decimal number on the experiment pages and on the
+   advice pages (tips, methods, workflow) (0.612, 23.5,
    1.37x, 0.04-0.81x) must appear, at its printed precision, in a committed
    notebook output or a JSON file under `benchmarks/`, unless its paragraph
    says it is quoted from a paper (a citation, or the words "quoted",
