@@ -71,9 +71,10 @@ def test_recorded_run_is_clean_and_made_by_its_driver(recorded):
     assert recorded["machine"] and recorded["seconds"] > 0
     assert "uncommitted" not in recorded["commit"] and len(recorded["commit"]) == 40, recorded["commit"]  # a clean commit
     assert recorded["settings"] == json.loads(json.dumps(ONE_SHOT_SETTINGS))
+    source = NOTEBOOK.read_text()
     # SparseGPT's numbers move with the thread count: the grid ran at the notebook's two threads, like the other 09 records
-    assert recorded["results"]["unit_threads"] == [2] and "torch.set_num_threads(2)" in NOTEBOOK.read_text()
-    source = NOTEBOOK.read_text()   # the notebook's CH11_FULL=1 branch runs the driver, and writes no record of its own
+    assert recorded["results"]["unit_threads"] == [2] and "torch.set_num_threads(2)" in source
+    # the notebook's CH11_FULL=1 branch runs the driver, and writes no record of its own
     assert "one_shot_run()" in source and "save_full_run" not in source
 
 
