@@ -8,9 +8,11 @@ Covers: what notebook 09 runs around the method (`chapter11.oneshot`):
 (`python -m chapter11 bench oneshot`: pruning time against a forward
 pass, split by part), `ablation_run`, the recorded run with the sizes
 too slow for the notebook, and `sufficient_calibration_run`, Wanda and
-SparseGPT on 64 x 128 calibration tokens against a 16k-token held-out text:
+SparseGPT on 64 x 128 calibration tokens against a 16k-token held-out text,
+and `long_evaluation_run`, the grid's other patterns judged on that text:
 
-    python -m chapter11.experiments.exp09_oneshot grid [--worker I/N]   # the notebook's grid at its recorded size
+    python -m chapter11.experiments.exp09_oneshot grid        # the notebook's grid at its recorded size
+    python -m chapter11.experiments.exp09_oneshot long-eval   # the grid's 30%, 70% and 2:4 on the 16k-token text
     python -m chapter11.experiments.exp09_oneshot ablation
     python -m chapter11.experiments.exp09_oneshot sufficient
     python -m chapter11.experiments.exp09_oneshot sparsegpt-curve   # SparseGPT from 1 to 64 sequences
@@ -221,6 +223,69 @@ ONE_SHOT_PATTERNS = {"30%": {"sparsity": 0.3}, "50%": {"sparsity": 0.5}, "70%": 
 ONE_SEED_PATTERNS = ("4:8",)
 
 
+LONG_EVAL_RUN_NAME = "09_long_evaluation"
+
+
+# The grid's other verdicts on the long text: its 8 x 128 calibration samples (the same three seeds) at 30%, 70% and 2:4,
+# judged like 09_sufficient_calibration (which holds 50%): 16,384 held-out tokens in windows of 512.
+LONG_EVAL_SETTINGS = {"calibration_sequences": 8, "seq_len": 128, "eval_tokens": 16384, "eval_window": 512,
+                      "seeds": [0, 1, 2], "patterns": ["30%", "70%", "2:4"]}
+
+
+def long_evaluation_run(log_path=None, command: str = "python -m chapter11.experiments.exp09_oneshot long-eval") -> dict:
+    """The grid's 8-sequence points at 30%, 70% and 2:4 judged on 16,384 held-out tokens in windows of 512.
+
+    The grid scores on 1,024 tokens in windows of 128; this run prunes from the
+    grid's own calibration samples (same size, same seeds, so each seed pairs
+    with the grid's) and evaluates each model the way `sufficient_calibration_run`
+    does, which already holds 50%. Magnitude reads no calibration, so it runs once
+    per pattern. Each (pattern, seed) unit is logged under build/ and resumes;
+    run it at two threads, like the grid (SparseGPT moves with the thread count).
+    Saved as `benchmarks/full/09_long_evaluation.json`.
+    """
+    from pathlib import Path
+
+    from ..report import FULL_RUNS, load_full_run, save_full_run
+    from . import run_units
+
+    s = LONG_EVAL_SETTINGS
+    start = time.perf_counter()
+    model, cal_tokens, held_out = _model_and_texts(s["eval_tokens"])
+    seeds, window = list(s["seeds"]), s["eval_window"]
+
+    def run_unit(unit: tuple) -> dict:
+        row: dict = {"unit": list(unit), "perplexity": {}, "prune_seconds": {}, "threads": torch.get_num_threads()}
+        if unit[0] == "dense":
+            row["perplexity"]["dense"] = perplexity(model, held_out, block_size=window, batch_size=8)
+            return row
+        label, seed = unit
+        sample = calibration_sequences(cal_tokens, s["calibration_sequences"], s["seq_len"], seed=seed)
+        for method in (m for m in METHODS if m != "magnitude" or seed == seeds[0]):
+            ppl, result = prune_and_evaluate(model, None if method == "magnitude" else sample, held_out, method, seq_len=window,
+                                             progress_bar=False, **ONE_SHOT_PATTERNS[label])
+            row["perplexity"][method], row["prune_seconds"][method] = ppl, result.seconds
+        return row
+
+    log = Path(log_path) if log_path is not None else FULL_RUNS.parent.parent / "build" / f"{LONG_EVAL_RUN_NAME}.jsonl"
+    units = [("dense",)] + [(label, seed) for label in s["patterns"] for seed in seeds]
+    done = run_units(units, run_unit, lambda row: tuple(row["unit"]), log,
+                     describe=lambda row: f"[{(time.perf_counter() - start) / 60:5.1f} min] {tuple(row['unit'])}: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in row["perplexity"].items()))
+
+    def values(method: str, label: str, key: str) -> list[float]:
+        return [done[label, seed][key][method] for seed in seeds if method in done[label, seed][key]]
+
+    results = {
+        "dense": done[("dense",)]["perplexity"]["dense"],
+        "perplexity": {f"{m} {p}": values(m, p, "perplexity") for m in METHODS for p in s["patterns"]},
+        "seconds": {f"{m} {p}": values(m, p, "prune_seconds") for m in METHODS for p in s["patterns"]},
+        "unit_seconds": round(sum(row["seconds"] for row in done.values()), 1),
+        "unit_threads": sorted({row["threads"] for row in done.values()}),
+    }
+    save_full_run(LONG_EVAL_RUN_NAME, results, s, command, time.perf_counter() - start)
+    return load_full_run(LONG_EVAL_RUN_NAME)
+
+
 def one_shot_units(settings: dict = ONE_SHOT_SETTINGS) -> list[tuple]:
     """The units of `one_shot_run`, in order: the dense model, each pattern x calibration seed, each extra calibration size x seed.
 
@@ -427,20 +492,13 @@ def layer_means(values: dict[str, float], by: str = "projection") -> dict:
     return {key: sum(v) / len(v) for key, v in groups.items()}
 
 
-if __name__ == "__main__":  # python -m chapter11.experiments.exp09_oneshot grid [--worker I/N]|ablation|sufficient|sparsegpt-curve
+if __name__ == "__main__":  # python -m chapter11.experiments.exp09_oneshot grid|long-eval|ablation|sufficient|sparsegpt-curve
     import sys
 
-    from . import parse_worker
-
-    torch.set_num_threads(2)
-    runs = {"grid": one_shot_run, "ablation": ablation_run, "sufficient": sufficient_calibration_run, "sparsegpt-curve": sparsegpt_curve_run}
+    torch.set_num_threads(2)  # every 09 record runs at two threads: SparseGPT's numbers move with the thread count
+    runs = {"grid": one_shot_run, "long-eval": long_evaluation_run, "ablation": ablation_run,
+            "sufficient": sufficient_calibration_run, "sparsegpt-curve": sparsegpt_curve_run}
     args = sys.argv[1:]
-    if not args or args[0] not in runs or (args[0] != "grid" and len(args) != 1):
-        raise SystemExit(f"usage: python -m chapter11.experiments.exp09_oneshot grid [--worker I/N] | {' | '.join(list(runs)[1:])}")
-    if args[0] == "grid":
-        worker, workers = parse_worker(args[1:])
-        if workers > 1:
-            torch.set_num_threads(1)  # one process per core
-        one_shot_run(worker, workers)
-    else:
-        runs[args[0]]()
+    if len(args) != 1 or args[0] not in runs:
+        raise SystemExit(f"usage: python -m chapter11.experiments.exp09_oneshot {' | '.join(runs)}")
+    runs[args[0]]()
