@@ -373,6 +373,12 @@ def provenance(record: dict) -> str:
     >>> print(provenance({"machine": {"cpu": "AMD EPYC", "cpu_kernels": "AVX2", "cores": 2, "torch": "2.14.1",
     ...                               "thread_env": "OMP_WAIT_POLICY=PASSIVE MKL_ENABLE_INSTRUCTIONS=AVX2"}}))
     RECORDED (not computed here) ? on AMD EPYC (AVX2 kernels, MKL capped at AVX2), 2 cores, torch 2.14.1; commit ?; command: ?; 0.0 min
+
+    A record assembled from worker logs took seconds to write; its runs' own
+    time, where the results hold it (`runs_seconds`), follows:
+
+    >>> print(provenance({"seconds": 3.0, "results": {"seconds_per_unit": {"a": 600.0, "b": 300.0}}}).split("; ")[-1])
+    0.1 min (the runs: 15.0 min of wall time)
     """
     machine = record.get("machine", {})
     if isinstance(machine, dict):
@@ -381,8 +387,34 @@ def provenance(record: dict) -> str:
         kernels += [f"{caps[k]} capped at {v}" for k, _, v in (e.partition("=") for e in str(machine.get("thread_env", "")).split()) if k in caps]
         cpu = machine.get("cpu", "?") + (f" ({', '.join(kernels)})" if kernels else "")
         machine = f"{cpu}, {machine.get('cores', '?')} cores, torch {machine.get('torch', '?')}"
+    runs = runs_seconds(record.get("results"))
+    took = "" if runs is None else f" (the runs: {runs[0] / 60:.1f} min of {runs[1]})"
     return (f"RECORDED (not computed here) {record.get('date', '?')} on {machine}; commit {record.get('commit', '?')}; "
-            f"command: {record.get('command', '?')}; {float(record.get('seconds', 0)) / 60:.1f} min")
+            f"command: {record.get('command', '?')}; {float(record.get('seconds', 0)) / 60:.1f} min{took}")
+
+
+def runs_seconds(results) -> tuple[float, str] | None:
+    """The time a recorded run's units took, where its results hold it: (seconds, "wall time" or "CPU time"), else None.
+
+    Drivers that resume from logs write it as `unit_seconds` or
+    `wall_s_all_runs` (a sum), `seconds_per_unit` (a dict) or
+    `seconds_per_seed` (a list), all wall time, or only as `cpu_s_all_runs`
+    (CPU time); the record's own `seconds` then cover only the last call.
+
+    >>> runs_seconds({"seconds_per_seed": [60.0, 90.0]}), runs_seconds({"cpu_s_all_runs": 120.0}), runs_seconds({"dense": 1.0})
+    ((150.0, 'wall time'), (120.0, 'CPU time'), None)
+    """
+    if not isinstance(results, dict):
+        return None
+    for key in ("unit_seconds", "wall_s_all_runs", "seconds_per_unit", "seconds_per_seed", "cpu_s_all_runs"):
+        value = results.get(key)
+        if isinstance(value, dict):
+            value = sum(value.values())
+        elif isinstance(value, list):
+            value = sum(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), "CPU time" if key == "cpu_s_all_runs" else "wall time"
+    return None
 
 
 def load_full_run(name: str, folder: str | os.PathLike | None = None) -> dict:

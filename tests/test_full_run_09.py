@@ -125,7 +125,7 @@ def test_large_calibration_record_matches_the_full_run(recorded):
 
     large = load_full_run(ABLATION_RUN_NAME)
     s, full = large["settings"], recorded["settings"]
-    assert s == ABLATION_SETTINGS and large["command"] == "python -m chapter11.oneshot ablation"
+    assert s == ABLATION_SETTINGS and large["command"] == "python -m chapter11.experiments.exp09_oneshot ablation"
     assert f"{s['method']} {s['sparsity']:.0%}" == full["ablation_method"]
     assert (s["seq_len"], s["eval_tokens"], s["seeds"]) == (full["seq_len"], full["eval_tokens"], full["seeds"])
     assert min(s["sizes"]) > max(full["calibration_sizes"]) and max(s["sizes"]) == 64
@@ -146,6 +146,30 @@ def test_sufficient_calibration_record_is_clean_complete_and_matches_its_driver(
             for method in ("wanda", "sparsegpt"):
                 values = ppl[f"{method} {p} {size}x{s['seq_len']}"]
                 assert len(values) == len(s["seeds"]) and all(rec["results"]["dense"] < v < 1e4 for v in values)
+
+
+def test_long_evaluation_record_is_clean_and_pairs_with_the_grid_and_the_sufficient_run(recorded):
+    """benchmarks/full/09_long_evaluation.json: the grid's samples at 30%, 70% and 2:4, judged like the sufficient run."""
+    from chapter11.experiments.exp09_oneshot import LONG_EVAL_RUN_NAME, LONG_EVAL_SETTINGS, SUFFICIENT_RUN_NAME
+
+    rec, suff = load_full_run(LONG_EVAL_RUN_NAME), load_full_run(SUFFICIENT_RUN_NAME)
+    assert rec["command"] == "python -m chapter11.experiments.exp09_oneshot long-eval"
+    assert "uncommitted" not in rec["commit"] and len(rec["commit"]) == 40, rec["commit"]
+    s, grid, ss = rec["settings"], recorded["settings"], suff["settings"]
+    assert s == LONG_EVAL_SETTINGS and rec["results"]["unit_threads"] == [2]
+    # the grid's calibration samples (same size, length and seeds) ...
+    assert (s["calibration_sequences"], s["seq_len"], s["seeds"]) == (grid["calibration_sequences"], grid["seq_len"], grid["seeds"])
+    # ... judged on the sufficient run's text: at least 16k tokens in windows of at least 512
+    assert (s["eval_tokens"], s["eval_window"]) == (ss["eval_tokens"], ss["eval_window"]) and s["eval_tokens"] >= 16384 and s["eval_window"] >= 512
+    assert abs(rec["results"]["dense"] / suff["results"]["dense"] - 1) < 1e-3
+    # with the sufficient run's 50% at 8 sequences, every pattern the grid gives a verdict for is judged on the long text
+    assert set(s["patterns"]) | {p for p, sizes in ss["sizes_by_pattern"].items() if grid["calibration_sequences"] in sizes} \
+        == {p for p in grid["patterns"] if len(recorded["results"]["perplexity"][f"wanda {p}"]) == len(grid["seeds"])}
+    ppl = rec["results"]["perplexity"]
+    for p in s["patterns"]:
+        assert len(ppl[f"magnitude {p}"]) == 1
+        assert all(len(ppl[f"{m} {p}"]) == len(s["seeds"]) and min(ppl[f"{m} {p}"]) > rec["results"]["dense"] for m in ("wanda", "sparsegpt"))
+    assert "LONG_EVAL_RUN_NAME" in NOTEBOOK.read_text()
 
 
 def test_sparsegpt_curve_record_is_clean_and_pairs_with_the_wanda_curve(recorded):
