@@ -223,6 +223,32 @@ ONE_SHOT_PATTERNS = {"30%": {"sparsity": 0.3}, "50%": {"sparsity": 0.5}, "70%": 
 ONE_SEED_PATTERNS = ("4:8",)
 
 
+def _pruned_unit(unit: tuple, model: nn.Module, sample: torch.Tensor, tokens: torch.Tensor, methods: Sequence[str],
+                 window: int, pattern: dict) -> dict:
+    """One logged unit of a recorded grid: each method's perplexity and pruning time (magnitude reads no calibration)."""
+    row: dict = {"unit": list(unit), "perplexity": {}, "prune_seconds": {}, "threads": torch.get_num_threads()}
+    for method in methods:
+        ppl, result = prune_and_evaluate(model, None if method == "magnitude" else sample, tokens, method, seq_len=window,
+                                         progress_bar=False, **pattern)
+        row["perplexity"][method], row["prune_seconds"][method] = ppl, result.seconds
+    return row
+
+
+def _grid_methods(seed: int, seeds: Sequence[int]) -> list[str]:
+    """Every method for the first calibration seed; magnitude, which reads no calibration, only there."""
+    return [m for m in METHODS if m != "magnitude" or seed == seeds[0]]
+
+
+def _grid_results(rows: dict, dense: float, seeds: Sequence[int], labels: Sequence[str]) -> dict:
+    """A recorded grid's results from its units' rows keyed (pattern, seed): per method and pattern, one value per seed run."""
+    def values(method: str, label: str, key: str) -> list[float]:
+        return [rows[label, seed][key][method] for seed in seeds if (label, seed) in rows and method in rows[label, seed][key]]
+
+    return {"dense": dense,
+            "perplexity": {f"{m} {p}": values(m, p, "perplexity") for m in METHODS for p in labels},
+            "seconds": {f"{m} {p}": values(m, p, "prune_seconds") for m in METHODS for p in labels}}
+
+
 LONG_EVAL_RUN_NAME = "09_long_evaluation"
 
 
@@ -254,17 +280,12 @@ def long_evaluation_run(log_path=None, command: str = "python -m chapter11.exper
     seeds, window = list(s["seeds"]), s["eval_window"]
 
     def run_unit(unit: tuple) -> dict:
-        row: dict = {"unit": list(unit), "perplexity": {}, "prune_seconds": {}, "threads": torch.get_num_threads()}
         if unit[0] == "dense":
-            row["perplexity"]["dense"] = perplexity(model, held_out, block_size=window, batch_size=8)
-            return row
+            return {"unit": list(unit), "perplexity": {"dense": perplexity(model, held_out, block_size=window, batch_size=8)},
+                    "prune_seconds": {}, "threads": torch.get_num_threads()}
         label, seed = unit
         sample = calibration_sequences(cal_tokens, s["calibration_sequences"], s["seq_len"], seed=seed)
-        for method in (m for m in METHODS if m != "magnitude" or seed == seeds[0]):
-            ppl, result = prune_and_evaluate(model, None if method == "magnitude" else sample, held_out, method, seq_len=window,
-                                             progress_bar=False, **ONE_SHOT_PATTERNS[label])
-            row["perplexity"][method], row["prune_seconds"][method] = ppl, result.seconds
-        return row
+        return _pruned_unit(unit, model, sample, held_out, _grid_methods(seed, seeds), window, ONE_SHOT_PATTERNS[label])
 
     log = Path(log_path) if log_path is not None else FULL_RUNS.parent.parent / "build" / f"{LONG_EVAL_RUN_NAME}.jsonl"
     units = [("dense",)] + [(label, seed) for label in s["patterns"] for seed in seeds]
@@ -272,13 +293,9 @@ def long_evaluation_run(log_path=None, command: str = "python -m chapter11.exper
                      describe=lambda row: f"[{(time.perf_counter() - start) / 60:5.1f} min] {tuple(row['unit'])}: "
                      + ", ".join(f"{k} {v:.2f}" for k, v in row["perplexity"].items()))
 
-    def values(method: str, label: str, key: str) -> list[float]:
-        return [done[label, seed][key][method] for seed in seeds if method in done[label, seed][key]]
-
+    rows = {u: row for u, row in done.items() if u[0] != "dense"}
     results = {
-        "dense": done[("dense",)]["perplexity"]["dense"],
-        "perplexity": {f"{m} {p}": values(m, p, "perplexity") for m in METHODS for p in s["patterns"]},
-        "seconds": {f"{m} {p}": values(m, p, "prune_seconds") for m in METHODS for p in s["patterns"]},
+        **_grid_results(rows, done[("dense",)]["perplexity"]["dense"], seeds, s["patterns"]),
         "unit_seconds": round(sum(row["seconds"] for row in done.values()), 1),
         "unit_threads": sorted({row["threads"] for row in done.values()}),
     }
@@ -342,16 +359,8 @@ def one_shot_run(worker: int = 0, workers: int = 1, settings: dict = ONE_SHOT_SE
         size = s["calibration_sequences"] if kind == "grid" else arg
         sample = calibration_sequences(cal_tokens, size, seq_len, seed=seed)
         if kind == "grid":
-            methods = [m for m in METHODS if m != "magnitude" or seed == seeds[0]]
-            pattern = ONE_SHOT_PATTERNS[arg]
-        else:
-            methods, pattern = ["wanda"], ONE_SHOT_PATTERNS["50%"]
-        row: dict = {"unit": list(unit), "perplexity": {}, "prune_seconds": {}, "threads": torch.get_num_threads()}
-        for method in methods:
-            ppl, result = prune_and_evaluate(model, None if method == "magnitude" else sample, held_out, method, seq_len=seq_len,
-                                             progress_bar=False, **pattern)
-            row["perplexity"][method], row["prune_seconds"][method] = ppl, result.seconds
-        return row
+            return _pruned_unit(unit, model, sample, held_out, _grid_methods(seed, seeds), seq_len, ONE_SHOT_PATTERNS[arg])
+        return _pruned_unit(unit, model, sample, held_out, ["wanda"], seq_len, ONE_SHOT_PATTERNS["50%"])
 
     log = Path(log_path) if log_path is not None else FULL_RUNS.parent.parent / "build" / f"{ONE_SHOT_RUN_NAME}.jsonl"
     units = one_shot_units(s)
@@ -360,19 +369,13 @@ def one_shot_run(worker: int = 0, workers: int = 1, settings: dict = ONE_SHOT_SE
                      + f" ({row['seconds']:.0f} s)")
     if done is None:
         return None
-    grid = {u[1:]: row for u, row in done.items() if u[0] == "grid"}
-    labels = s["patterns"]
-
-    def values(method: str, label: str, key: str) -> list[float]:
-        return [grid[label, seed][key][method] for seed in seeds if (label, seed) in grid and method in grid[label, seed][key]]
-
-    by_size = {s["calibration_sequences"]: values("wanda", "50%", "perplexity")}
+    grid = _grid_results({u[1:]: row for u, row in done.items() if u[0] == "grid"}, done[("dense",)]["perplexity"]["dense"],
+                         seeds, s["patterns"])
+    by_size = {s["calibration_sequences"]: grid["perplexity"].get("wanda 50%", [])}
     by_size.update({n: [done["calibration", n, seed]["perplexity"]["wanda"] for seed in seeds if ("calibration", n, seed) in done]
                     for n in {u[1] for u in done if u[0] == "calibration"}})
     results = {
-        "dense": done[("dense",)]["perplexity"]["dense"],
-        "perplexity": {f"{m} {p}": values(m, p, "perplexity") for m in METHODS for p in labels},
-        "seconds": {f"{m} {p}": values(m, p, "prune_seconds") for m in METHODS for p in labels},
+        **grid,
         "calibration_ablation": {str(n): by_size[n] for n in sorted(by_size)},
         "unit_seconds": round(sum(row["seconds"] for row in done.values()), 1),
         "unit_threads": sorted({row["threads"] for row in done.values() if "threads" in row}),
