@@ -5,7 +5,8 @@
 - `over_seeds(fn, seeds)`: run `fn(seed)` once per seed and summarise what it
   returns (a number, or a dict of numbers summarised key by key).
 - `difference(a, b)`: paired difference of two methods run on the same seeds,
-  with its interval; `separated(a, b)` says whether that interval excludes 0.
+  with its interval; `separated(a, b)` says whether that interval excludes 0,
+  and `verdict(d, positive, negative)` puts the answer in words.
 - `prediction_interval_loop` / `prediction_interval`: where the mean of `m`
   new seeds should land, given a recorded run of n seeds, with a Bonferroni
   correction when several such checks are made at once: how a notebook's
@@ -32,7 +33,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = ["Summary", "summarize_loop", "summarize", "t_critical", "over_seeds", "difference", "separated",
-           "prediction_interval_loop", "prediction_interval"]
+           "verdict", "NO_DIFFERENCE", "prediction_interval_loop", "prediction_interval"]
+
+NO_DIFFERENCE = "no difference at this budget"  # what a difference whose interval holds 0 is called
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,22 @@ def separated(a: Iterable[float] | Summary, b: Iterable[float] | Summary, confid
     """
     d = difference(a, b, confidence)
     return d.n > 1 and (d.low > 0 or d.high < 0)
+
+
+def verdict(d: Summary, positive: str, negative: str) -> str:
+    """The rule in words: `positive` if the interval of `d` lies above 0, `negative` if below, else `NO_DIFFERENCE`.
+
+    One value has no interval, so it is never a finding (as in `separated`).
+
+    >>> d = difference([10.0, 12.0, 11.0], [8.0, 9.0, 9.5])  # perplexities, a - b
+    >>> verdict(d, "b lower", "a lower"), verdict(difference([1.0, 2.0], [2.0, 1.0]), "b lower", "a lower")
+    ('b lower', 'no difference at this budget')
+    """
+    if not isinstance(d, Summary):
+        raise TypeError(f"d must be a Summary (from difference), got {type(d).__name__}")
+    if d.n < 2:
+        return NO_DIFFERENCE
+    return positive if d.low > 0 else negative if d.high < 0 else NO_DIFFERENCE
 
 
 def _check_prediction(recorded, m, checks, confidence) -> list[float]:

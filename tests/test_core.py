@@ -250,7 +250,7 @@ def test_bench_masks_command_writes_json(tmp_path):
     out = tmp_path / "masks.json"
     assert masks_main(["--steps", "1", "--sizes", "32,64,10", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert {"dense_s", "chapter11_ratio", "torch_prune_ratio", "floor_ratio", "machine"} <= set(data) and data["chapter11_ratio"] > 0 < data["floor_ratio"]
+    assert {"dense_s", "chapter11_ratio", "checked_multiply_ratio", "torch_prune_ratio", "floor_ratio", "machine"} <= set(data) and data["chapter11_ratio"] > 0 < data["floor_ratio"]
 
 
 def test_cli_lists_experiments():

@@ -184,14 +184,16 @@ def test_apply_masks_checks_every_mask_before_applying_any():
     assert masks_of(model) == {} and torch.equal(model[0].weight, before)
 
 
-@pytest.mark.parametrize("fast_from", [0, None], ids=["multiply-path", "default-sizes"])
-def test_masked_step_fast_path_keeps_pruned_weights_exactly_zero_even_with_inf_gradients(fast_from, monkeypatch):
-    """The multiply fast path falls back to masked_fill where inf * 0 would give NaN; a NaN at a kept weight stays."""
+@pytest.mark.parametrize("fast_from,fused", [(0, True), (0, False), (None, True)],
+                         ids=["fused-multiply-path", "torch-multiply-path", "default-sizes"])
+def test_masked_step_fast_path_keeps_pruned_weights_exactly_zero_even_with_inf_gradients(fast_from, fused, monkeypatch):
+    """The multiply fast paths fall back to masked_fill where inf * 0 would give NaN; a NaN at a kept weight stays."""
     from chapter11 import masks as masks_module
     from chapter11.masks import MaskedOptimizer, _zero_pruned
 
     if fast_from is not None:  # every tensor through the multiply path, as a large layer would go
         monkeypatch.setattr(masks_module, "FAST_ZEROING_MIN_NUMEL", fast_from)
+    monkeypatch.setattr(masks_module, "FUSED_ZEROING", fused)
 
     model = nn.Linear(3, 2, bias=False)
     apply_masks(model, {"weight": torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])})
@@ -208,3 +210,29 @@ def test_masked_step_fast_path_keeps_pruned_weights_exactly_zero_even_with_inf_g
     _zero_pruned([a, b], [torch.tensor([0.0, 1.0, 0.0]), torch.tensor([True, False, True])])
     assert a.tolist() == b.tolist() == [0.0, 2.0, 0.0]
     assert not torch.signbit(a).any()  # a pruned negative weight is 0.0, not -0.0 (prints as 0.)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_fused_zeroing_equals_masked_fill_on_a_large_tensor(dtype, bad):
+    """The one-pass numba multiply gives masked_fill's result bit for bit: pruned entries 0.0 (never -0.0 or NaN), kept untouched."""
+    from chapter11.masks import FAST_ZEROING_MIN_NUMEL, _fusable, _zero_pruned
+
+    g = torch.Generator().manual_seed(0)
+    n = 2 * FAST_ZEROING_MIN_NUMEL + 3  # not a multiple of any vector width
+    t = torch.randn(n, generator=g, dtype=dtype)
+    m = (torch.rand(n, generator=g) > 0.5).to(dtype)
+    t[5], t[n - 1], t[7] = bad, bad, bad  # two at pruned entries, one kept
+    m[5], m[n - 1], m[7] = 0.0, 0.0, 1.0
+    for clean in (True, False):
+        a = t.clone()
+        if clean:
+            a[5], a[n - 1], a[7] = 1.0, -1.0, 2.0  # all finite: no fallback at all
+        expected = a.masked_fill(m == 0, 0.0)
+        assert _fusable(a, m)
+        version = a._version
+        _zero_pruned([a], [m])
+        assert a._version > version  # the in-place change is visible to autograd's checks
+        assert torch.equal(torch.isnan(a), torch.isnan(expected))
+        assert torch.equal(a.nan_to_num(5.0), expected.nan_to_num(5.0)) and not torch.signbit(a[m == 0]).any()
+    assert not _fusable(torch.zeros(4, 4).t(), torch.ones(4, 4)) and not _fusable(torch.zeros(4), torch.ones(4, dtype=torch.float64))

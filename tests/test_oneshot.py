@@ -75,6 +75,16 @@ def test_mask_from_scores_twins_agree_ties_included(pattern, scope):
         assert torch.all(fast.reshape(5, -1, pattern["m"]).sum(-1) == pattern["n"])
 
 
+@pytest.mark.parametrize("scope", ["row", "layer"])
+def test_mask_from_scores_without_ties_at_the_threshold_matches_the_loop(scope):
+    g = torch.Generator().manual_seed(4)
+    real = torch.rand(6, 20, generator=g)  # no ties at all: the short path (S > k-th value)
+    away = real.clone()
+    away[:, :4] = away[:, 4:5] + 10.0  # ties, but among the kept scores only
+    for scores in (real, away):
+        assert torch.equal(mask_from_scores(scores, sparsity=0.5, scope=scope), mask_from_scores_loop(scores, sparsity=0.5, scope=scope))
+
+
 def test_mask_from_scores_hand_made_cases():
     s = torch.tensor([[1.0, 1.0, 3.0, 0.5], [2.0, 0.0, 0.0, 9.0]])
     assert mask_from_scores(s, sparsity=0.5).tolist() == [[0, 1, 1, 0], [1, 0, 0, 1]]  # ties: earlier pruned first
@@ -518,6 +528,59 @@ def test_captured_inputs_keep_one_attention_mask_for_all_batches():
     masks = [kw.get("attention_mask") for _, kw in inputs]
     tensors = [m for m in masks if isinstance(m, torch.Tensor)]
     assert len({id(m) for m in tensors}) <= 1  # one tensor, held once, not one per batch
+
+
+def test_statistics_pass_stops_once_every_layer_has_its_input_and_loses_nothing():
+    """The statistics need only each Linear's input: stopping before down_proj's product gives the same sums."""
+    from chapter11.oneshot import _capture_inputs, _Statistics, _Stop
+
+    model = tiny_llama(num_layers=1, num_kv_heads=2)
+    layer = decoder_layers(model)[0]
+    linears = {name: mod for name, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)}
+    batches = list(torch.randint(0, model.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(0)).split(2))
+    inputs = _capture_inputs(model, layer, batches)
+    ran = []
+    handle = linears["mlp.down_proj"].register_forward_hook(lambda *a: ran.append(1))
+    collected = []
+    with torch.no_grad():
+        for stop in (False, True):
+            stats = _Statistics(linears, squares=True, gram=True)
+            stats.stop_when_done = stop
+            for hidden, kwargs in inputs:
+                try:
+                    layer(hidden, **kwargs)
+                except _Stop:
+                    pass
+                assert stats.calls == dict.fromkeys(linears, 1)  # LLaMA: each Linear once per pass
+                stats.end_batch()
+            stats.remove()
+            collected.append({name: stats.of(name) for name in linears})
+    handle.remove()
+    assert len(ran) == len(inputs)  # down_proj's product ran in the full passes only
+    for name in linears:
+        (sq_a, g_a, n_a), (sq_b, g_b, n_b) = collected[0][name], collected[1][name]
+        assert n_a == n_b and torch.equal(sq_a, sq_b) and torch.equal(g_a, g_b)
+
+
+@pytest.mark.parametrize("twice", [False, True], ids=["llama", "a-layer-called-twice"])
+def test_prune_llm_stops_statistics_passes_early_only_when_each_layer_runs_once(calibration, twice):
+    """Counted by down_proj's runs: the first statistics pass is full, later ones stop before down_proj, unless a
+    Linear runs twice per pass (stopping would lose its second call)."""
+    model = tiny_llama(num_layers=2, num_kv_heads=2)
+    runs = {0: 0, 1: 0}
+    for b, layer in enumerate(decoder_layers(model)):
+        mlp = layer.mlp
+        layer.mlp.down_proj.register_forward_hook(lambda *a, b=b: runs.__setitem__(b, runs[b] + 1))
+        if twice:  # up_proj a second time, after down_proj (its output unused)
+            mlp.forward = (lambda mlp: lambda x: mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+                           + 0.0 * mlp.up_proj(2.0 * x)[..., : mlp.down_proj.out_features])(mlp)
+    batches = math.ceil(len(calibration) / 2)
+    assert batches >= 2
+    prune_llm(model, calibration, method="wanda", batch_size=2, progress_bar=False)
+    if twice:  # every statistics pass in full, plus block 0's output pass (the capture stops at block 0's input)
+        assert runs == {0: 2 * batches, 1: batches}
+    else:  # block 0's first statistics pass in full, then only its output pass; block 1 never reaches down_proj
+        assert runs == {0: 1 + batches, 1: 0}
 
 
 def test_wanda_on_a_masked_model_says_the_masks_add_up():

@@ -51,10 +51,13 @@ def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(
     """Training-step time: dense vs chapter11 masks vs torch.nn.utils.prune, same masks.
 
     Each variant is a copy of one model with the same random masks; steps are
-    interleaved. `masked_fill` is the step `MaskedOptimizer` took before
+    interleaved. `masked_fill` is the step `MaskedOptimizer` took first
     (a bool `mask == 0` per parameter per step, then `masked_fill_` on the
-    gradients and the weights), kept here so the two can be compared side by
-    side on any CPU. `floor` is the least an exact masked step can do: one
+    gradients and the weights) and `checked_multiply` its second (torch
+    multiplies by the masks, then a second read, the norms, checks for
+    inf x 0); both are kept so that they can be compared side by side with
+    today's step (multiply and check in one pass where it can: numba, on the
+    CPU) on any CPU. `floor` is the least an exact masked step can do: one
     multiply of the gradients and one of the weights by masks it holds, with
     no check for inf x 0 and no wrapper (it would leave NaN at a pruned
     weight after an inf gradient, which `MaskedOptimizer` must not). Before
@@ -68,8 +71,8 @@ def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(
     dense = _mlp(tuple(sizes))
     g = torch.Generator().manual_seed(seed)
     masks = {n: (torch.rand(p.shape, generator=g) >= sparsity).float() for n, p in prunable_parameters(dense).items()}
-    ours, theirs, filled, bare = (copy.deepcopy(dense) for _ in range(4))
-    for model in (ours, filled, bare):
+    ours, theirs, filled, bare, checked = (copy.deepcopy(dense) for _ in range(5))
+    for model in (ours, filled, bare, checked):
         apply_masks(model, masks)
     for name, mask in masks.items():
         prune.custom_from_mask(theirs.get_submodule(name.rsplit(".", 1)[0]), "weight", mask)
@@ -121,18 +124,42 @@ def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(
 
         return step
 
+    def checked_multiply_step(model):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        held = masks_of(model)
+        params = [p for n, p in model.named_parameters() if n in masks]
+        kept = [held[n] for n, p in model.named_parameters() if n in masks]
+
+        def zero(tensors):
+            for t, m in zip(tensors, kept):
+                torch.addcmul(t.new_zeros(()), t, m, out=t)
+            if not bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
+                for t, m in zip(tensors, kept):
+                    t.masked_fill_(m == 0, 0)
+
+        def step():
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X), y).backward()
+            with torch.no_grad():
+                zero([p.grad for p in params])
+                opt.step()
+                zero(params)
+
+        return step
+
     variants = {
         "dense": make_step(dense, False),
         "chapter11": make_step(ours, True),
         "masked_fill": masked_fill_step(filled),
+        "checked_multiply": checked_multiply_step(checked),
         "torch_prune": make_step(theirs, False),
         "floor": floor_step(bare),
     }
-    for name in ("chapter11", "masked_fill", "torch_prune", "floor"):
+    for name in ("chapter11", "masked_fill", "checked_multiply", "torch_prune", "floor"):
         variants[name]()
     for name in masks:
         a = ours.get_submodule(name.rsplit(".", 1)[0]).weight
-        for label, other in (("masked_fill", filled), ("floor", bare)):
+        for label, other in (("masked_fill", filled), ("checked_multiply", checked), ("floor", bare)):
             if not torch.allclose(a, other.get_submodule(name.rsplit(".", 1)[0]).weight, atol=1e-6):
                 raise AssertionError(f"chapter11 and the {label} step disagree on {name} after one step")
         module = theirs.get_submodule(name.rsplit(".", 1)[0])
@@ -148,9 +175,11 @@ def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(
         "chapter11_s": med["chapter11"],
         "torch_prune_s": med["torch_prune"],
         "masked_fill_s": med["masked_fill"],
+        "checked_multiply_s": med["checked_multiply"],
         "floor_s": med["floor"],
         "chapter11_ratio": med["chapter11"] / med["dense"],
         "masked_fill_ratio": med["masked_fill"] / med["dense"],
+        "checked_multiply_ratio": med["checked_multiply"] / med["dense"],
         "floor_ratio": med["floor"] / med["dense"],
         "torch_prune_ratio": med["torch_prune"] / med["dense"],
         "steps": steps,
@@ -180,12 +209,14 @@ def masks_main(argv: list[str] | None = None) -> int:
     print(f"MLP {'-'.join(map(str, r['sizes']))}, batch {r['batch']}, sparsity {r['sparsity']:.0%}, median of {r['steps']} interleaved steps")
     print(f"  dense              {r['dense_s'] * 1e3:8.1f} ms/step")
     print(f"  chapter11 masks    {r['chapter11_s'] * 1e3:8.1f} ms/step  ({r['chapter11_ratio']:.2f}x dense)")
-    print(f"  masked_fill step   {r['masked_fill_s'] * 1e3:8.1f} ms/step  ({r['masked_fill_ratio']:.2f}x dense; the step chapter11 took before)")
+    print(f"  masked_fill step   {r['masked_fill_s'] * 1e3:8.1f} ms/step  ({r['masked_fill_ratio']:.2f}x dense; chapter11's first step)")
+    print(f"  checked multiply   {r['checked_multiply_s'] * 1e3:8.1f} ms/step  ({r['checked_multiply_ratio']:.2f}x dense; "
+          "chapter11's second: multiply, then read the norms)")
     print(f"  torch.nn.utils.prune {r['torch_prune_s'] * 1e3:6.1f} ms/step  ({r['torch_prune_ratio']:.2f}x dense)")
     print(f"  floor: two multiplies {r['floor_s'] * 1e3:5.1f} ms/step  ({r['floor_ratio']:.2f}x dense; gradients and weights times cached masks, no checks)")
     if args.json:
-        keys = ("dense_s", "chapter11_s", "masked_fill_s", "torch_prune_s", "floor_s", "chapter11_ratio", "masked_fill_ratio",
-                "torch_prune_ratio", "floor_ratio", "steps", "sparsity", "batch", "sizes")
+        keys = ("dense_s", "chapter11_s", "masked_fill_s", "checked_multiply_s", "torch_prune_s", "floor_s", "chapter11_ratio",
+                "masked_fill_ratio", "checked_multiply_ratio", "torch_prune_ratio", "floor_ratio", "steps", "sparsity", "batch", "sizes")
         atomic_write_text(json.dumps({k: r[k] for k in keys} | {"machine": r["machine"]}, indent=2), args.json)
     return 0
 
