@@ -304,7 +304,7 @@ def _zero_pruned(tensors: list[torch.Tensor], masks: list[torch.Tensor], finite:
     be 0, so each product is checked, and only a tensor with a non-finite
     product gets the exact `masked_fill_`. A NaN or inf at a kept entry stays
     as it was. On the CPU (float32/float64, contiguous) a numba kernel
-    multiplies and counts non-finite products in the same pass; elsewhere
+    multiplies and flags non-finite products in the same pass; elsewhere
     torch multiplies and a second read (the norm) checks. The second read
     was the whole gap between `MaskedOptimizer` and two bare multiplies
     (`python -m chapter11 bench masks` times the variants side by side).
@@ -317,13 +317,12 @@ def _zero_pruned(tensors: list[torch.Tensor], masks: list[torch.Tensor], finite:
             t.masked_fill_(m, 0)
         elif t.numel() < FAST_ZEROING_MIN_NUMEL:
             t.masked_fill_(m == 0, 0)
-        elif finite:
-            torch.addcmul(t.new_zeros(()), t, m, out=t)
-        elif _fusable(t, m):
+        elif not finite and _fusable(t, m):
             fused.append((t, m))
         else:
             torch.addcmul(t.new_zeros(()), t, m, out=t)
-            large.append((t, m))
+            if not finite:
+                large.append((t, m))
     bad = _multiply_fused(fused) if fused else []
     if large:
         norms = torch._foreach_norm([t for t, _ in large])

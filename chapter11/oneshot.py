@@ -676,7 +676,8 @@ def prune_llm(
     then run it again with the pruned weights to feed the next block. The
     first run stops as soon as every Linear has seen its input (in LLaMA,
     before `down_proj`'s product), once the very first run has shown that each
-    Linear runs exactly once per pass.
+    Linear runs exactly once per pass (the decoder blocks of one model are
+    taken to be alike).
     Embeddings, norms and `lm_head` stay dense. Masks are kept as
     `<param>_mask` buffers (as `chapter11.masks.apply_masks` keeps them), so they survive
     save/load and `MaskedOptimizer`. Runs on the model's device.

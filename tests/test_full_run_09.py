@@ -19,6 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "09_llm_one_shot_pruning.ipynb"
 NAME = "09_llm_one_shot_pruning"
 TOLERANCE = 0.05  # relative slack beyond the recorded min..max
+# SparseGPT from 8 x 128 tokens (fewer tokens than down_proj's 1,536 inputs: a rank-deficient Hessian) moves more
+# with the CPU: the same seed and AVX2 kernels gave 40.00 / 71.30 / 175.25 on an AMD EPYC and 42.17 / 72.90 / 190.63
+# on an Intel Xeon at 50% / 2:4 / 70% (+5.4%, +2.2%, +8.8%; benchmarks/cpu/09_live_results_by_cpu.json)
+SPARSEGPT_TOLERANCE = 0.12
 
 
 def _cells():
@@ -102,7 +106,8 @@ def test_live_single_seed_results_lie_inside_the_recorded_spread(recorded):
     assert abs(live.pop("dense") - recorded["results"]["dense"]) / recorded["results"]["dense"] < 0.02
     assert len(live) >= 6
     for key, value in live.items():
-        assert _inside(value, ppl[key]), (key, value, ppl[key])
+        slack = SPARSEGPT_TOLERANCE if key.startswith("sparsegpt") else TOLERANCE
+        assert _inside(value, ppl[key], slack), (key, value, ppl[key])
     ablation = recorded["results"]["calibration_ablation"]
     for size, value in live_ablation().items():
         if str(size) in ablation:
