@@ -572,13 +572,10 @@ class _Statistics:
     Wanda: the sum of squares of each input column; SparseGPT (or `gram=True`): X^T X.
     Layers fed by the same tensor (q, k, v; gate, up) share one statistic: the
     first of them to see a tensor owns it, the others read the owner's.
-    With `stop_when_done`, the hook of the last Linear to see its input raises
-    `_Stop` after recording it: the statistics need only the layers' inputs,
-    so the rest of the block (in LLaMA, `down_proj`'s product, a quarter of
-    the block's arithmetic) would be computed for nothing. `calls` counts each
-    layer's calls in the current batch, so a caller can check first that every
-    layer runs exactly once per forward pass (otherwise stopping would lose
-    a later call).
+    With `stop_when_done`, the last Linear to see its input raises `_Stop`
+    after recording it: the rest of the block (in LLaMA, `down_proj`'s product)
+    is not needed. `calls` counts each layer's calls in this batch, so a
+    caller can first check that every layer runs exactly once per pass.
     """
 
     def __init__(self, linears: dict[str, nn.Linear], squares: bool, gram: bool):
