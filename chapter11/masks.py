@@ -59,6 +59,7 @@ also prunes a kept weight that happens to be exactly 0.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -243,33 +244,30 @@ def check_mask(mask, param: torch.Tensor, name: str = "mask") -> torch.Tensor:
 
 FAST_ZEROING_MIN_NUMEL = 1 << 16  # from here up, _zero_pruned multiplies by the mask instead of masked_fill_
 FUSED_ZEROING = True  # large float32/float64 CPU tensors: multiply and check in one pass (numba), see _zero_pruned
-_fused_kernel = None  # compiled on first use, so importing chapter11.masks does not import numba
 
 
+@functools.cache  # compiled on first use, so importing chapter11.masks does not import numba
 def _fused_multiply():
     """The numba kernel t *= m (as 0 + t*m) that also says whether any product is inf or NaN, in one parallel pass."""
-    global _fused_kernel
-    if _fused_kernel is None:
-        import numba
+    import numba
 
-        # 'reassoc' alone lets LLVM vectorise the sum below (an integer count ran 1.4x slower than torch's multiply);
-        # it allows neither x + 0.0 -> x (that needs 'nsz') nor v - v -> 0 (that needs 'nnan' and 'ninf')
-        @numba.njit(parallel=True, boundscheck=False, cache=True, nogil=True, fastmath={"reassoc"})
-        def multiply_flagging_nonfinite(t, m):  # t, m: 1-D, same dtype and length
-            zero = t.dtype.type(0.0)
-            flag = zero
-            for i in numba.prange(t.shape[0]):
-                v = t[i] * m[i] + zero  # + 0.0: a pruned negative weight becomes 0.0, not -0.0
-                t[i] = v
-                flag += v - v  # 0 for a finite v, NaN for inf or NaN; a NaN survives any order of summing
-            return flag != flag
+    # 'reassoc' alone lets LLVM vectorise the sum below (an integer count ran 1.4x slower than torch's multiply);
+    # it allows neither x + 0.0 -> x (that needs 'nsz') nor v - v -> 0 (that needs 'nnan' and 'ninf')
+    @numba.njit(parallel=True, boundscheck=False, cache=True, nogil=True, fastmath={"reassoc"})
+    def multiply_flagging_nonfinite(t, m):  # t, m: 1-D, same dtype and length
+        zero = t.dtype.type(0.0)
+        flag = zero
+        for i in numba.prange(t.shape[0]):
+            v = t[i] * m[i] + zero  # + 0.0: a pruned negative weight becomes 0.0, not -0.0
+            t[i] = v
+            flag += v - v  # 0 for a finite v, NaN for inf or NaN; a NaN survives any order of summing
+        return flag != flag
 
-        _fused_kernel = (multiply_flagging_nonfinite, numba)
-    return _fused_kernel
+    return multiply_flagging_nonfinite, numba
 
 
 def _fusable(t: torch.Tensor, m: torch.Tensor) -> bool:
-    return (FUSED_ZEROING and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and m.dtype == t.dtype
+    return (t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and m.dtype == t.dtype
             and m.device == t.device and t.shape == m.shape and t.is_contiguous() and m.is_contiguous()
             and not t.is_neg() and not m.is_neg())
 
@@ -292,7 +290,8 @@ def _multiply_fused(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tupl
 
 
 @torch.no_grad()
-def _zero_pruned(tensors: list[torch.Tensor], masks: list[torch.Tensor], finite: bool = False) -> None:
+def _zero_pruned(tensors: list[torch.Tensor], masks: list[torch.Tensor], finite: bool = False,
+                 fused: bool | None = None) -> None:
     """Set each tensor to exactly 0 where its mask is 0 (or its bool mask True), leave the rest untouched.
 
     Small tensors take `masked_fill_` with a bool mask: exact and, at that
@@ -309,21 +308,24 @@ def _zero_pruned(tensors: list[torch.Tensor], masks: list[torch.Tensor], finite:
     was the whole gap between `MaskedOptimizer` and two bare multiplies
     (`python -m chapter11 bench masks` times the variants side by side).
     `finite=True` is the caller's word that every tensor is finite (its 0/1
-    masks too), so no product can be NaN and none is checked.
+    masks too), so no product can be NaN and none is checked. `fused=False`
+    takes the two-pass path everywhere (None: `FUSED_ZEROING`), which is how
+    `bench masks` times the step that came before the kernel.
     """
-    large, fused = [], []
+    fused = FUSED_ZEROING if fused is None else fused
+    large, one_pass = [], []
     for t, m in zip(tensors, masks):
         if m.dtype == torch.bool:  # True marks a pruned entry
             t.masked_fill_(m, 0)
         elif t.numel() < FAST_ZEROING_MIN_NUMEL:
             t.masked_fill_(m == 0, 0)
-        elif not finite and _fusable(t, m):
-            fused.append((t, m))
+        elif fused and not finite and _fusable(t, m):
+            one_pass.append((t, m))
         else:
             torch.addcmul(t.new_zeros(()), t, m, out=t)
             if not finite:
                 large.append((t, m))
-    bad = _multiply_fused(fused) if fused else []
+    bad = _multiply_fused(one_pass) if one_pass else []
     if large:
         norms = torch._foreach_norm([t for t, _ in large])
         if not bool(torch.isfinite(torch.stack(norms)).all()):

@@ -214,9 +214,14 @@ def test_masked_step_fast_path_keeps_pruned_weights_exactly_zero_even_with_inf_g
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
-def test_fused_zeroing_equals_masked_fill_on_a_large_tensor(dtype, bad):
+def test_fused_zeroing_equals_masked_fill_on_a_large_tensor(dtype, bad, monkeypatch):
     """The one-pass numba multiply gives masked_fill's result bit for bit: pruned entries 0.0 (never -0.0 or NaN), kept untouched."""
+    from chapter11 import masks as masks_module
     from chapter11.masks import FAST_ZEROING_MIN_NUMEL, _fusable, _zero_pruned
+
+    ran = []  # the one-pass kernel must actually run, not the two-pass path beside it
+    kernel = masks_module._multiply_fused
+    monkeypatch.setattr(masks_module, "_multiply_fused", lambda pairs: ran.append(len(pairs)) or kernel(pairs))
 
     g = torch.Generator().manual_seed(0)
     n = 2 * FAST_ZEROING_MIN_NUMEL + 3  # not a multiple of any vector width
@@ -235,4 +240,7 @@ def test_fused_zeroing_equals_masked_fill_on_a_large_tensor(dtype, bad):
         assert a._version > version  # the in-place change is visible to autograd's checks
         assert torch.equal(torch.isnan(a), torch.isnan(expected))
         assert torch.equal(a.nan_to_num(5.0), expected.nan_to_num(5.0)) and not torch.signbit(a[m == 0]).any()
+    assert ran == [1, 1]
+    _zero_pruned([t.clone()], [m], fused=False)  # the two-pass path, on request
+    assert ran == [1, 1]
     assert not _fusable(torch.zeros(4, 4).t(), torch.ones(4, 4)) and not _fusable(torch.zeros(4), torch.ones(4, dtype=torch.float64))

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..bench import compare, describe_machine, machine_info
-from ..masks import MaskedOptimizer, apply_masks, masks_of, prunable_parameters
+from ..masks import MaskedOptimizer, _zero_pruned, apply_masks, masks_of, prunable_parameters
 from ..report import atomic_write_text
 from ..sparsity import check_sparsity
 from ..structured.channels import channel_scores, mask_channels, plan_by_scores, predicted_speedup, remove_channels
@@ -130,20 +130,13 @@ def bench_masks(steps: int = 20, sparsity: float = 0.9, batch: int = 64, sizes=(
         params = [p for n, p in model.named_parameters() if n in masks]
         kept = [held[n] for n, p in model.named_parameters() if n in masks]
 
-        def zero(tensors):
-            for t, m in zip(tensors, kept):
-                torch.addcmul(t.new_zeros(()), t, m, out=t)
-            if not bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
-                for t, m in zip(tensors, kept):
-                    t.masked_fill_(m == 0, 0)
-
-        def step():
+        def step():  # chapter11's own two-pass path: multiply, then read the norms
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(X), y).backward()
             with torch.no_grad():
-                zero([p.grad for p in params])
+                _zero_pruned([p.grad for p in params], kept, fused=False)
                 opt.step()
-                zero(params)
+                _zero_pruned(params, kept, fused=False)
 
         return step
 
